@@ -1,0 +1,153 @@
+"""Train state, optimiser, and the pure step functions.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> sums` are plain functions of
+arrays; `cnn_jax.train` jits them over the mesh. The dropout key of step t is `fold_in(state.rng, t)`, so a
+resumed run draws exactly the masks an uninterrupted one would.
+"""
+
+import functools
+from typing import Any, Callable, Dict, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimiser state, step (from flax), plus BatchNorm statistics and the base RNG key."""
+  batch_stats: Any = None
+  rng: jax.Array = None
+
+
+def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """LR per step: linear scaling with the global batch (base LR is for batch 128), then the schedule.
+
+  cosine: linear warmup over `warmup_epochs`, cosine decay to 0 at `total_steps`.
+  step:   (warmup, then) the base LR times `step_factor` at each of `step_epochs` (the AlexNet/VGG recipe).
+  constant: the base LR.
+  """
+  base_lr = config.optimizer.learning_rate * config.batch_size / 128
+  sched = config.schedule
+  warmup = int(round(sched.warmup_epochs * steps_per_epoch))
+  warmup = min(warmup, max(total_steps - 1, 0))
+  if sched.name == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=base_lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  if sched.name == "step":
+    boundaries = {int(e * steps_per_epoch): sched.step_factor for e in sched.step_epochs}
+    main = optax.piecewise_constant_schedule(base_lr, boundaries)
+    if warmup == 0:
+      return main
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, base_lr, warmup), lambda s: main(s + warmup)], [warmup])
+  if sched.name == "constant":
+    return optax.constant_schedule(base_lr)
+  raise ValueError(f"unknown schedule {sched.name!r}")
+
+
+def _decay_mask(params):
+  """True for conv/dense kernels: weight decay skips biases and BatchNorm scales."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay added to the gradient before momentum (as in AlexNet)."""
+  opt = config.optimizer
+  parts = []
+  if opt.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  if opt.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(
+        opt.weight_decay, mask=None if opt.decay_biases else _decay_mask))
+  parts.append(optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov))
+  return optax.chain(*parts)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       image_shape: Tuple[int, ...]) -> TrainState:
+  """Initialises parameters (and BatchNorm statistics) for inputs of shape [1, *image_shape]."""
+  init_rng, params_rng, dropout_rng, state_rng = jax.random.split(rng, 4)
+  del init_rng
+  variables = model.init({"params": params_rng, "dropout": dropout_rng},
+                         jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables.get("batch_stats"), rng=state_rng)
+
+
+def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """[B] float32: 1 where the label is among the k largest logits."""
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """[B] per-example softmax cross-entropy in float32."""
+  num_classes = logits.shape[-1]
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    onehot = optax.smooth_labels(onehot, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], *, label_smoothing: float = 0.0,
+               schedule: Callable = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One SGD step on a global batch {'image': [B,H,W,C], 'label': [B]}; returns (state, metrics)."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  has_bn = state.batch_stats is not None
+
+  def loss_fn(params):
+    variables = {"params": params}
+    if has_bn:
+      variables["batch_stats"] = state.batch_stats
+    logits, new_vars = state.apply_fn(
+        variables, batch["image"], train=True, rngs={"dropout": dropout_rng},
+        mutable=["batch_stats"] if has_bn else [])
+    loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+    return loss, (logits, new_vars)
+
+  (loss, (logits, new_vars)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  new_state = state.apply_gradients(grads=grads)
+  if has_bn:
+    new_state = new_state.replace(batch_stats=new_vars["batch_stats"])
+  metrics = {
+      "loss": loss,
+      "top1": jnp.mean(_topk_correct(logits, batch["label"], 1)),
+      "top5": jnp.mean(_topk_correct(logits, batch["label"], 5)),
+      "grad_norm": grad_norm,
+  }
+  if schedule is not None:
+    metrics["lr"] = schedule(state.step)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+  """Sums over the real (mask=True) examples of one eval batch.
+
+  batch: {'image': [B,H,W,C] or [B,n_crops,H,W,C] (logits are averaged over crops), 'label': [B],
+  'mask': [B] bool}. Returns {'loss', 'top1', 'top5', 'count'} as float32 sums.
+  """
+  variables = {"params": state.params}
+  if state.batch_stats is not None:
+    variables["batch_stats"] = state.batch_stats
+  images = batch["image"]
+  if images.ndim == 5:
+    b, n = images.shape[:2]
+    logits = state.apply_fn(variables, images.reshape((b * n,) + images.shape[2:]), train=False)
+    logits = logits.reshape(b, n, -1).mean(axis=1)
+  else:
+    logits = state.apply_fn(variables, images, train=False)
+  mask = batch["mask"].astype(jnp.float32)
+  labels = batch["label"]
+  return {
+      "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+      "top1": jnp.sum(_topk_correct(logits, labels, 1) * mask),
+      "top5": jnp.sum(_topk_correct(logits, labels, 5) * mask),
+      "count": jnp.sum(mask),
+  }
