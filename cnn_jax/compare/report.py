@@ -1,0 +1,421 @@
+r"""Compares finished (or running) workdirs: a verified-identical pipeline, then tables and plots.
+
+  runs = load_runs(['runs/families/*'])
+  check_identical(runs)                       # UserError naming the fields when pipelines differ
+  paths = write_report(runs, 'reports/families')
+
+Reads only what the loop writes (docs/design.md, "Workdir"): run_info.json (model, params, FLOPs, device,
+fingerprint fields), summary.json (final/best accuracy, throughput, wall time) and metrics.jsonl (the eval
+curve). A run without summary.json yet is reported from its metrics.jsonl and marked as running.
+"""
+
+import csv
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import statistics
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from cnn_jax.errors import UserError
+
+# Fields expected to differ between runs being compared: the seed is replication, not a pipeline change.
+ALWAYS_ALLOWED = ("seed",)
+TABLE_COLUMNS = (
+    "run", "architecture", "model", "seed", "status", "steps", "params", "gflops_per_image",
+    "train_img_per_s", "best_top1", "best_top5", "final_top1", "final_top5", "wall_s", "device",
+    "fingerprint", "workdir",
+)
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """One workdir as the comparison sees it."""
+  name: str
+  workdir: str
+  run_info: Dict[str, Any]
+  summary: Optional[Dict[str, Any]]
+  evals: List[Dict[str, Any]]          # metrics.jsonl records with split == 'eval', in step order
+  train: List[Dict[str, Any]]          # metrics.jsonl records with split == 'train'
+  tb_events: List[str]                 # TensorBoard event files under tb/
+
+  @property
+  def finished(self) -> bool:
+    return self.summary is not None
+
+  @property
+  def model(self) -> str:
+    return self.run_info.get("model", "?")
+
+  @property
+  def seed(self):
+    return self.run_info.get("fingerprint_fields", {}).get("seed")
+
+  @property
+  def fields(self) -> Dict[str, Any]:
+    """The pipeline + recipe fingerprint fields, flattened to dotted leaves."""
+    return flatten(self.run_info.get("fingerprint_fields", {}))
+
+
+def flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}; lists and scalars are leaves."""
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f"cannot read {path} ({e}); is the file complete?") from e
+
+
+def _read_metrics(path: str) -> List[Dict[str, Any]]:
+  records = []
+  if not os.path.exists(path):
+    return records
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # a line cut short by a killed run: the rest is still good
+  return records
+
+
+def load_run(workdir: str, name: Optional[str] = None) -> RunRecord:
+  """Reads one workdir; UserError if it holds no run_info.json (not a run, or not started)."""
+  info = _read_json(os.path.join(workdir, "run_info.json"))
+  if info is None:
+    raise UserError(f"{workdir} has no run_info.json: not a cnn_jax workdir, or the run has not started")
+  records = _read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  # A resumed run may log a step twice (work after the last checkpoint is redone): keep the latest.
+  evals = {r["step"]: r for r in records if r.get("split") == "eval"}
+  train = {r["step"]: r for r in records if r.get("split") == "train"}
+  tb = sorted(glob.glob(os.path.join(workdir, "tb", "**", "events.out.tfevents*"), recursive=True))
+  return RunRecord(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir, run_info=info,
+                   summary=_read_json(os.path.join(workdir, "summary.json")),
+                   evals=[evals[s] for s in sorted(evals)], train=[train[s] for s in sorted(train)],
+                   tb_events=tb)
+
+
+def find_workdirs(patterns: Iterable[str]) -> List[str]:
+  """Expands globs; a folder without run_info.json whose children have one stands for those children."""
+  found = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+    if not matches:
+      raise UserError(f"--runs={pattern!r} matches nothing")
+    for path in matches:
+      if not os.path.isdir(path):
+        if not glob.has_magic(pattern):
+          raise UserError(f"--runs: {path!r} is not a directory")
+        continue  # e.g. sweep.json next to the run folders
+      if os.path.exists(os.path.join(path, "run_info.json")):
+        found.append(os.path.normpath(path))
+        continue
+      children = sorted(os.path.normpath(os.path.join(path, c)) for c in os.listdir(path)
+                        if os.path.exists(os.path.join(path, c, "run_info.json")))
+      if children:
+        found.extend(children)
+      elif not glob.has_magic(pattern):
+        raise UserError(f"{path} has no run_info.json and no run folders below it")
+  return list(dict.fromkeys(found))  # de-duplicated, order kept
+
+
+def load_runs(patterns: Iterable[str]) -> List[RunRecord]:
+  """The runs under `patterns` (globs, workdirs or sweep roots), named uniquely."""
+  workdirs = find_workdirs(patterns)
+  if not workdirs:
+    raise UserError("no runs found (a run is a folder with run_info.json); check --runs")
+  names = [os.path.basename(w) for w in workdirs]
+  if len(set(names)) < len(names):  # runs from several roots: name them by their path below the common root
+    root = os.path.commonpath([os.path.abspath(w) for w in workdirs])
+    names = [os.path.relpath(os.path.abspath(w), root) for w in workdirs]
+  return [load_run(w, n) for w, n in zip(workdirs, names)]
+
+
+def sweep_varies(runs: Sequence[RunRecord]) -> Tuple[str, ...]:
+  """The fields a sweep declared as studied (sweep.json in the runs' common parent), else ()."""
+  parents = {os.path.dirname(os.path.abspath(r.workdir)) for r in runs}
+  if len(parents) != 1:
+    return ()
+  record = _read_json(os.path.join(parents.pop(), "sweep.json"))
+  return tuple(record.get("varies", ())) if record else ()
+
+
+def differing_fields(runs: Sequence[RunRecord]) -> Dict[str, Dict[str, Any]]:
+  """{dotted fingerprint field: {run name: value}} for every field whose value is not the same in all runs."""
+  flat = {r.name: r.fields for r in runs}
+  keys = sorted({k for f in flat.values() for k in f})
+  out = {}
+  for k in keys:
+    values = {name: f.get(k, "<missing>") for name, f in flat.items()}
+    if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
+      out[k] = values
+  return out
+
+
+def recipe_hash(run: RunRecord) -> str:
+  """16 hex chars over the fingerprint fields except the seed: equal for every seed of one recipe."""
+  fields = {k: v for k, v in run.run_info.get("fingerprint_fields", {}).items() if k not in ALWAYS_ALLOWED}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _covered(field: str, allowed: Iterable[str]) -> bool:
+  """'optimizer.learning_rate' is covered by 'optimizer.learning_rate', 'optimizer' or 'learning_rate'?"""
+  for a in allowed:
+    if field == a or field.startswith(a + ".") or a.startswith(field + "."):
+      return True
+  return False
+
+
+def check_identical(runs: Sequence[RunRecord], allowed: Iterable[str] = (),
+                    allow_mismatch: bool = False) -> List[str]:
+  """Verifies the runs share one pipeline and recipe, apart from `allowed` fields and the seed.
+
+  Returns the unexpected differing fields (empty when identical). Raises UserError listing them, unless
+  `allow_mismatch`, in which case the caller must flag them loudly.
+  """
+  allowed = tuple(allowed) + ALWAYS_ALLOWED
+  diffs = {k: v for k, v in differing_fields(runs).items() if not _covered(k, allowed)}
+  if diffs and not allow_mismatch:
+    parts = []
+    for field, values in diffs.items():
+      by_value = {}
+      for name, v in values.items():
+        by_value.setdefault(json.dumps(v, default=str), []).append(name)
+      parts.append(f"{field} (" + "; ".join(f"{v}: {', '.join(n[:3])}{' ...' if len(n) > 3 else ''}"
+                                          for v, n in by_value.items()) + ")")
+    raise UserError(f"these runs do not share one pipeline/recipe, so their accuracies are not comparable; "
+                    f"differing fields: {' | '.join(parts)}. Compare runs of one recipe, or pass "
+                    "--allow_mismatch to report anyway with a warning")
+  return list(diffs)
+
+
+# --- Rows and groups ------------------------------------------------------------------------------
+
+def _architecture_labels(runs: Sequence[RunRecord], extra_fields: Sequence[str]) -> Dict[str, str]:
+  """'nin', or 'nin (use_1x1=False)' when a model kwarg (or a studied field) tells runs apart."""
+  kw = {r.name: flatten(r.run_info.get("model_kwargs", {})) for r in runs}
+  keys = sorted({k for d in kw.values() for k in d})
+  varying = [k for k in keys
+             if len({json.dumps(d.get(k), sort_keys=True, default=str) for d in kw.values()}) > 1]
+  labels = {}
+  for r in runs:
+    parts = [f"{k}={kw[r.name].get(k)}" for k in varying]
+    parts += [f"{k}={r.fields.get(k)}" for k in extra_fields if not _covered(k, ALWAYS_ALLOWED)]
+    labels[r.name] = r.model + (f" ({', '.join(parts)})" if parts else "")
+  return labels
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+  values = [v for v in values if v is not None]
+  return sum(values) / len(values) if values else None
+
+
+def row(run: RunRecord, architecture: str) -> Dict[str, Any]:
+  """One table row; numbers exactly as summary.json has them (from metrics.jsonl while running)."""
+  info, s = run.run_info, run.summary
+  device = f"{info.get('num_devices', '?')} x {info.get('device_kind', '?')}"
+  common = {"run": run.name, "architecture": architecture, "model": run.model, "seed": run.seed,
+            "fingerprint": info.get("fingerprint"), "workdir": run.workdir, "device": device}
+  if s is not None:
+    return {**common, "status": "done", "steps": s.get("steps"), "params": s.get("params"),
+            "gflops_per_image": s.get("gflops_per_image"), "train_img_per_s": s.get("train_img_per_s"),
+            "best_top1": s.get("best_top1"), "best_top5": s.get("best_top5"),
+            "final_top1": s.get("final_top1"), "final_top5": s.get("final_top5"), "wall_s": s.get("wall_s")}
+  last = run.evals[-1] if run.evals else {}
+  best = max(run.evals, key=lambda r: r["top1"]) if run.evals else {}
+  step = max([r["step"] for r in run.train + run.evals], default=0)
+  times = [r["time"] for r in run.train + run.evals if "time" in r]
+  flops = info.get("flops_per_example")
+  return {**common, "status": f"running ({step}/{info.get('total_steps', '?')})", "steps": step,
+          "params": info.get("params"), "gflops_per_image": flops / 1e9 if flops else None,
+          "train_img_per_s": _mean([r.get("img_per_s") for r in run.train]),
+          "best_top1": best.get("top1"), "best_top5": best.get("top5"),
+          "final_top1": last.get("top1"), "final_top5": last.get("top5"),
+          "wall_s": (max(times) - min(times)) if times else None}
+
+
+def _std(values: Sequence[float]) -> float:
+  return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def group_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """Mean and std over the runs of each architecture label (seeds of one model + kwargs + recipe)."""
+  groups: Dict[str, List[Dict[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault(r["architecture"], []).append(r)
+  out = []
+  for label, members in groups.items():
+    # A run still training would drag the mean down: groups average finished runs where there are any.
+    done = [m for m in members if m["status"] == "done"]
+    members = done or members
+    g = {"architecture": label + ("" if done else " (running)"), "model": members[0]["model"],
+         "runs": len(members), "seeds": [m["seed"] for m in members]}
+    for key in ("params", "gflops_per_image", "train_img_per_s", "best_top1", "best_top5",
+                "final_top1", "final_top5", "wall_s"):
+      values = [m[key] for m in members if m[key] is not None]
+      g[key] = _mean(values)
+      g[key + "_std"] = _std(values) if values else None
+    out.append(g)
+  return out
+
+
+# --- Output ---------------------------------------------------------------------------------------
+
+def _fmt(value, kind: str) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "–"
+  if kind == "int":
+    return f"{int(value):,}"
+  if kind == "acc":
+    return f"{value:.4f}"
+  if kind == "gflops":
+    return f"{value:.4g}"
+  if kind == "rate":
+    return f"{value:,.0f}"
+  if kind == "time":
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
+  return str(value)
+
+
+def _pm(mean, std, kind: str, n: int) -> str:
+  if mean is None:
+    return "–"
+  return _fmt(mean, kind) + (f" ± {_fmt(std, kind)}" if n > 1 else "")
+
+
+def _md_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+  out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |" for line in lines]
+  return "\n".join(out)
+
+
+def tensorboard_root(runs: Sequence[RunRecord]) -> str:
+  """The folder whose `tensorboard --logdir` shows all `runs` side by side."""
+  dirs = [os.path.abspath(r.workdir) for r in runs]
+  root = os.path.commonpath(dirs) if len(dirs) > 1 else dirs[0]
+  rel = os.path.relpath(root)
+  return rel if not rel.startswith("..") else root
+
+
+def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (),
+                 mismatched: Sequence[str] = (), plots: bool = True) -> Dict[str, str]:
+  """Writes <out>/report.md, runs.csv, groups.csv and (with `plots`) the PNGs; returns {kind: path}.
+
+  `mismatched`: the unexpected differing fields check_identical returned under --allow_mismatch; they
+  open the report as a warning.
+  """
+  os.makedirs(out, exist_ok=True)
+  diffs = differing_fields(runs)
+  studied = [k for k in diffs if _covered(k, tuple(allowed)) and not _covered(k, ALWAYS_ALLOWED)]
+  labels = _architecture_labels(runs, studied + list(mismatched))
+  rows = [row(r, labels[r.name]) for r in runs]
+  groups = group_rows(rows)
+  paths = {"markdown": os.path.join(out, "report.md"), "csv": os.path.join(out, "runs.csv"),
+           "groups_csv": os.path.join(out, "groups.csv")}
+
+  with open(paths["csv"], "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  group_columns = ["architecture", "model", "runs", "seeds"] + [
+      k + s for k in ("params", "gflops_per_image", "train_img_per_s", "best_top1", "best_top5",
+                      "final_top1", "final_top5", "wall_s") for s in ("", "_std")]
+  with open(paths["groups_csv"], "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=group_columns)
+    writer.writeheader()
+    writer.writerows([{**g, "seeds": " ".join(map(str, g["seeds"]))} for g in groups])
+
+  if plots:
+    from cnn_jax.compare import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    paths.update(plots_lib.write_plots(runs, labels, groups, out))
+
+  md = [f"# Comparison of {len(runs)} runs", ""]
+  if mismatched:
+    md += [f"> **WARNING: these runs do NOT share one pipeline/recipe** (differing: "
+           f"{', '.join(mismatched)}). Accuracy differences below mix the network with those changes.", ""]
+  tb_root = tensorboard_root(runs)
+  no_tb = [r.name for r in runs if not r.tb_events]
+  md += [f"TensorBoard shows these runs side by side: `tensorboard --logdir {tb_root}` (each run writes "
+         "its curves to `<workdir>/tb/`)." + (f" **No TensorBoard events in: {', '.join(no_tb)}.**"
+                                               if no_tb else ""), ""]
+  other = [k for k in diffs if not _covered(k, ALWAYS_ALLOWED)]
+  if not other:
+    md.append(f"Pipeline and recipe verified identical for all runs: every fingerprint field of run_info.json "
+              f"is equal{' apart from the seed' if diffs else ''} (recipe hash without the seed: "
+              f"`{recipe_hash(runs[0])}`).")
+  else:
+    md.append(f"Runs differ in: {', '.join(f'`{k}`' for k in other)}"
+              f"{' (studied by the sweep)' if studied and not mismatched else ''}.")
+  first = runs[0].fields
+  shared = {k: v for k, v in first.items() if k not in diffs}
+  md += ["", "<details><summary>Shared pipeline and recipe</summary>", "",
+         _md_table(["field", "value"], [[f"`{k}`", f"`{json.dumps(v, default=str)}`"]
+                                        for k, v in sorted(shared.items())]), "", "</details>", ""]
+
+  md += ["## Runs", "", _md_table(
+      ["run", "architecture", "status", "params", "GFLOPs/img", "train img/s", "top-1 best",
+       "top-1 final", "top-5 best", "top-5 final", "wall", "device"],
+      [[r["run"], r["architecture"], r["status"], _fmt(r["params"], "int"),
+        _fmt(r["gflops_per_image"], "gflops"), _fmt(r["train_img_per_s"], "rate"),
+        _fmt(r["best_top1"], "acc"), _fmt(r["final_top1"], "acc"), _fmt(r["best_top5"], "acc"),
+        _fmt(r["final_top5"], "acc"), _fmt(r["wall_s"], "time"), r["device"]] for r in rows]), ""]
+  md += ["## By architecture (mean ± std over seeds)", "", _md_table(
+      ["architecture", "runs", "params", "GFLOPs/img", "train img/s", "top-1 best", "top-1 final",
+       "top-5 best", "top-5 final", "wall"],
+      [[g["architecture"], g["runs"], _fmt(g["params"], "int"), _fmt(g["gflops_per_image"], "gflops"),
+        _pm(g["train_img_per_s"], g["train_img_per_s_std"], "rate", g["runs"]),
+        _pm(g["best_top1"], g["best_top1_std"], "acc", g["runs"]),
+        _pm(g["final_top1"], g["final_top1_std"], "acc", g["runs"]),
+        _pm(g["best_top5"], g["best_top5_std"], "acc", g["runs"]),
+        _pm(g["final_top5"], g["final_top5_std"], "acc", g["runs"]),
+        _pm(g["wall_s"], g["wall_s_std"], "time", g["runs"])] for g in groups]), ""]
+  if diffs:
+    names = [r.name for r in runs]
+    md += ["## What differs between runs", "", _md_table(
+        ["field"] + names, [[f"`{k}`"] + [f"`{json.dumps(v[n], default=str)}`" for n in names]
+                            for k, v in diffs.items()]), ""]
+  if plots:
+    md += ["## Plots", "", "![test top-1 vs epoch](top1_vs_epoch.png)", "",
+           "![top-1 vs parameters](top1_vs_params.png)", "", "![top-1 vs FLOPs](top1_vs_flops.png)", ""]
+  md += ["Files: `runs.csv` (one row per run), `groups.csv` (mean/std per architecture). "
+         "Params and GFLOPs/image (forward pass, XLA cost analysis) come from each run's summary.json.", ""]
+  with open(paths["markdown"], "w") as f:
+    f.write("\n".join(md))
+  return paths
+
+
+def report(patterns: Sequence[str], out: str, expect_identical: bool = True, allow_mismatch: bool = False,
+           allowed: Sequence[str] = (), plots: bool = True, log=print) -> Dict[str, str]:
+  """The whole of report.py: load, verify, write. Returns the written paths."""
+  runs = load_runs(patterns)
+  allowed = tuple(allowed) + sweep_varies(runs)
+  mismatched = []
+  if expect_identical:
+    mismatched = check_identical(runs, allowed, allow_mismatch=allow_mismatch)
+    for field in mismatched:
+      log(f"WARNING: runs differ in {field}: {differing_fields(runs)[field]}")
+  paths = write_report(runs, out, allowed=allowed if expect_identical else tuple(differing_fields(runs)),
+                       mismatched=mismatched, plots=plots)
+  no_tb = [r.name for r in runs if not r.tb_events]
+  if no_tb:
+    log(f"WARNING: no TensorBoard events in {', '.join(no_tb)}")
+  log(f"{len(runs)} runs -> {paths['markdown']}, {paths['csv']}"
+      + (f", {len(paths) - 3} plots" if plots else ""))
+  log(f"TensorBoard: tensorboard --logdir {tensorboard_root(runs)}")
+  return paths
