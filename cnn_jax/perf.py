@@ -143,41 +143,57 @@ def mfu(flops_per_step: float, step_seconds: float, devices: Sequence[jax.Device
 
 
 def _flops(analysis) -> float:
+  """Sum of 'flops' over a cost analysis (dict, list of dicts or None); negatives count as 0."""
   if analysis is None:
     return 0.0
   if isinstance(analysis, dict):
     analysis = [analysis]
-  return float(sum(float(a.get('flops', 0.0)) for a in analysis if a))
+  return float(sum(max(0.0, float(a.get('flops', 0.0))) for a in analysis if a))
+
+
+def host_cpu_flops(jitted_fn: Callable[..., Any], *args, **kwargs) -> float:
+  """FLOPs of ``jitted_fn(*args, **kwargs)`` counted by XLA's cost analysis of a host-CPU compilation.
+
+  Only the arguments' shapes and dtypes are used (unsharded), so the count is that of the whole global
+  computation, whatever the devices the real call runs on. Nothing runs.
+  """
+  specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (args, kwargs))
+  with jax.default_device(jax.devices('cpu')[0]):
+    return _flops(jitted_fn.lower(*specs[0], **specs[1]).compile().cost_analysis())
 
 
 def compiled_flops(jitted_fn: Callable[..., Any], *args, **kwargs) -> float:
   """FLOPs of one call of ``jitted_fn(*args, **kwargs)`` from XLA's cost analysis.
 
-  Lowers and compiles (without running, so donated arguments stay valid) and returns the larger of
-  the cost analyses of the compiled module and of the lowered, not yet optimised one: on GPUs the
-  compiled module hides convolutions in cuDNN custom calls that the analysis counts as 0 FLOPs
-  (AlexNet: 10.6 instead of ~1,600 GFLOP per step at batch 256), while on the CPU the two agree
-  within 0.2%. Handles ``cost_analysis()`` returning a dict (current jax) or a list of per-module
-  dicts (older jax); 0.0 when the backend reports nothing.
+  Lowers and compiles (without running, so donated arguments stay valid). Off the CPU it also
+  compiles the same function for the host CPU from the arguments' shapes and returns the larger
+  count: GPU cost analysis (jax 0.11.2, H100) counts convolutions (cuDNN custom calls) as no FLOPs
+  (AlexNet at batch 256: 10.6 instead of 1,557 GFLOP per step). Handles ``cost_analysis()``
+  returning a dict (current jax) or a list of per-module dicts (older jax); 0.0 when nothing
+  reports FLOPs.
   """
   lowered = jitted_fn.lower(*args, **kwargs)
   counts = [_flops(lowered.compile().cost_analysis())]
-  try:
-    counts.append(_flops(lowered.cost_analysis()))
-  except Exception:  # pylint: disable=broad-except
-    pass  # Some backends cannot analyse unoptimised HLO.
+  if jax.default_backend() != 'cpu':
+    try:
+      counts.append(host_cpu_flops(jitted_fn, *args, **kwargs))
+    except Exception:  # pylint: disable=broad-except
+      pass  # No CPU backend: keep the accelerator's count.
   return max(counts)
 
 
-def step_flops(lowered, compiled, num_devices: int) -> float:
-  """FLOPs of one whole (all-device) step from a `jit(...).lower(...)` and its `.compile()`.
+def step_flops(compiled, num_devices: int, jitted_fn: Callable[..., Any] = None, *args) -> float:
+  """FLOPs of one whole (all-device) step, given the step's ``Compiled`` executable.
 
-  The unoptimised module counts the global step, convolutions included (GPU backends hide them in cuDNN
-  custom calls after optimisation); a compiled SPMD module counts one device's share, so it is scaled
-  by `num_devices`. The larger of the two is returned. No extra compilation.
+  A compiled SPMD module's cost analysis counts one device's share, so it is scaled by
+  ``num_devices`` (no extra compilation on the CPU). On accelerators, where cuDNN/cuBLAS custom calls
+  count as 0, ``jitted_fn(*args)`` is also counted on the host CPU (``host_cpu_flops``), and the larger
+  count is returned.
   """
-  try:
-    global_count = _flops(lowered.cost_analysis())
-  except Exception:  # pylint: disable=broad-except
-    global_count = 0.0
-  return max(global_count, _flops(compiled.cost_analysis()) * num_devices)
+  count = _flops(compiled.cost_analysis()) * num_devices
+  if jax.default_backend() != 'cpu' and jitted_fn is not None:
+    try:
+      count = max(count, host_cpu_flops(jitted_fn, *args))
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return count

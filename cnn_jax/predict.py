@@ -154,7 +154,8 @@ class Predictor:
                preprocess: Callable[[bytes], np.ndarray], step: int):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from cnn_jax import models  # pylint: disable=g-import-not-at-top
+    from cnn_jax import models
+    from cnn_jax import ops  # pylint: disable=g-import-not-at-top
     self.config = config
     self.class_names = list(class_names)
     self.step = step
@@ -165,7 +166,8 @@ class Predictor:
     model = models.get_model(config.model, len(self.class_names), dtype=jnp.dtype(dtype),
                              **config.model_kwargs.to_dict())
     self._variables = variables
-    self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False),
+                          compiler_options=ops.compiler_options())
 
   @classmethod
   def from_run(cls, workdir: Optional[str] = None, checkpoint: Optional[str] = None, which: str = "latest",

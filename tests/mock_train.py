@@ -8,6 +8,27 @@ import runpy
 import sys
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import test_utils as tfds_test_utils
+
+
+class _RealFs:
+  """Stands in for tfds's MockFs, which redirects *every* thread's file access to a temp dir while a
+  mocked `as_dataset` runs; Orbax's background checkpoint threads then lose their files. The mock only
+  needs the data dir to exist, so create it for real."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def add_file(self, path, content=""):
+    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+      f.write(content)
+
+
+tfds_test_utils.MockFs = _RealFs
 
 if __name__ == "__main__":
   num_examples = int(sys.argv[1])

@@ -97,6 +97,9 @@ CONV_CASES = [
     (2, 13, 13, 8, 16, 3, 1, 'SAME', 1),
     (2, 13, 13, 8, 16, 5, 1, 'SAME', 2),      # Grouped (AlexNet groups=2).
     (1, 12, 12, 4, 6, 3, 1, 'VALID', 1),
+    (2, 2, 2, 16, 8, 3, 1, 'SAME', 1),        # Tiny map (VGG block5 at 32 px): slices + GEMM.
+    (2, 1, 1, 16, 8, 3, 1, 'SAME', 1),
+    (2, 4, 3, 6, 8, 3, 1, 'VALID', 1),        # 2x1 output.
 ]
 
 @pytest.mark.parametrize('n,h,w,cin,cout,k,s,padding,groups', CONV_CASES)
@@ -119,6 +122,7 @@ FORCED = [
     ((2, 11, 11, 6), (3, 3, 3, 8), (1, 1), 'SAME', 2, Plan('xla', 'taps')),
     ((2, 11, 11, 6), (3, 3, 3, 8), (1, 1), 'SAME', 2, Plan('xla', 'im2col')),
     ((2, 11, 11, 5), (3, 3, 5, 7), (1, 1), 'VALID', 1, Plan('im2col')),
+    ((2, 11, 11, 5), (3, 3, 5, 7), (1, 1), 'SAME', 1, Plan('im2col_ad')),
     ((2, 15, 15, 6), (5, 5, 3, 4), (2, 2), 'VALID', 2, Plan('xla', 'taps')),  # Strided grouped.
 ]
 
@@ -128,7 +132,7 @@ def test_conv2d_every_method_matches_lax(x_shape, k_shape, strides, padding, gro
   _check_conv(x, kernel, strides, padding, groups, F32_TOL, plan_override=plan)
 
 
-@pytest.mark.parametrize('case', [CONV_CASES[0], CONV_CASES[5], CONV_CASES[7]])
+@pytest.mark.parametrize('case', [CONV_CASES[0], CONV_CASES[5], CONV_CASES[7], CONV_CASES[9]])
 def test_conv2d_bfloat16(case):
   n, h, w, cin, cout, k, s, padding, groups = case
   x, kernel = _conv_inputs(n, h, w, cin, cout, k, groups, dtype=jnp.bfloat16)
@@ -152,6 +156,8 @@ def test_plan_picks_fast_methods_for_the_classic_layers():
   assert plan((32, 112, 112, 64), (3, 3, 64, 128), (1, 1), "SAME") == Plan("xla", "xla")
   assert plan((32, 13, 13, 256), (3, 3, 256, 384), (1, 1), 'SAME') == Plan('xla', 'xla')
   assert plan((32, 224, 224, 3), (3, 3, 3, 64), (1, 1), 'SAME') == Plan('xla', 'xla')
+  assert plan((32, 2, 2, 512), (3, 3, 512, 512), (1, 1), 'SAME') == Plan('im2col_ad')
+  assert plan((32, 3, 3, 384), (3, 3, 384, 10), (1, 1), 'SAME') == Plan('xla', 'xla')
 
 
 def test_xla_impl_is_plain_lax():

@@ -9,11 +9,13 @@ default, several layer shapes run far below the machine's GEMM speed, and these 
   * 's2d': a strided convolution (the 11x11/4 stems of AlexNet and NiN) as a stride-1 convolution
     over a space-to-depth input: an s x s block of pixels becomes s*s*C channels and the kernel is
     zero-padded to a multiple of s and rearranged the same way, giving the same sums;
-  * 'im2col' forward: one GEMM over im2col patches, reused by the kernel gradient;
+  * 'im2col' forward: one GEMM over im2col patches, reused by the kernel gradient ('im2col_ad':
+    the same, differentiated by JAX, input gradient included);
   * 'dot': a 1x1 convolution as GEMMs in all three passes.
 With YNN fusions off, XLA's own convolutions are as fast or faster for all but the 1x1 case, so
-``plan`` (which assumes ``compiler_options()``) picks 'dot' for 1x1 convolutions and XLA otherwise;
-the rest stays selectable with ``plan_override`` (measurements in ``plan``'s docstring).
+``plan`` (which assumes ``compiler_options()``) picks 'dot' for 1x1 convolutions, 'im2col_ad' for
+maps of at most 2x2 px (where XLA's convolution is ~50x slow either way) and XLA otherwise; the
+rest stays selectable with ``plan_override`` (measurements in ``plan``'s docstring).
 
 Shapes: x [N, H, W, Cin] (NHWC), kernel [kh, kw, Cin // groups, Cout] (HWIO).
 """
@@ -28,15 +30,16 @@ from jax import lax
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
-FWD_METHODS = ('xla', 'im2col', 'dot', 's2d')
+FWD_METHODS = ('xla', 'im2col', 'im2col_ad', 'dot', 's2d')
 DW_METHODS = ('xla', 'taps', 'im2col')
 
 
 class Plan(NamedTuple):
   """How one convolution is computed.
 
-  fwd: 'xla' (lax forward, XLA dx), 'im2col' (one GEMM over patches, reused by dW), 'dot' (1x1 as
-    GEMMs), or 's2d' (space-to-depth, then a stride-1 conv computed with ``inner_fwd``).
+  fwd: 'xla' (lax forward, XLA dx), 'im2col' (one GEMM over patches, reused by dW), 'im2col_ad'
+    (the same, all differentiated by JAX), 'dot' (1x1 as GEMMs), or 's2d' (space-to-depth, then a
+    stride-1 conv computed with ``inner_fwd``).
   dw: kernel gradient for 'xla'/'s2d' forwards: 'xla', 'taps' or 'im2col' (see ``kernel_grad``).
   """
   fwd: str
@@ -75,17 +78,24 @@ def plan(x_shape, kernel_shape, strides, pads, groups, dtype) -> Plan:
     NiN 1x1 54x54, 96->96          325       147         GEMMs 79 / 142
     AlexNet 13x13, 384->384        250       ~210        tap GEMMs 290 / slower
     VGG 224x224, 3->64 (B=8)       128       179-201     (none better)
+    VGG 2x2, 512->512 (32 px)      536       539         im2col + autodiff 11 / 18
+    1x1 map, 512->512              26        26          im2col + autodiff 4 / 6
 
   With YNN on, rewriting the kernel gradient as GEMMs and the strided stems as space-to-depth
   convolutions won 1.1-3x per layer; with YNN off (what ``compiler_options()`` asks for, and
   1.5-2.5x faster for whole train steps), XLA's own convolutions are as fast or faster, so only
   1x1 convolutions are rewritten (plain GEMMs: a tie there, a 4x win when YNN is on). The other
-  methods stay available through ``conv2d(..., plan_override=...)`` and are tested.
+  methods stay available through ``conv2d(..., plan_override=...)`` and are tested. Either way,
+  XLA's convolution collapses on maps of at most 2x2 px (the last VGG block at 28-32 px inputs),
+  which therefore run as slices + a GEMM ('im2col_ad'); from 3x3 maps on XLA is as fast.
   """
-  del x_shape, strides, dtype  # Same choice at every size and for bf16.
+  del dtype  # Same choice for bf16.
   kh, kw, _, _ = kernel_shape
   if (kh, kw) == (1, 1) and groups == 1 and pads == ((0, 0), (0, 0)):
     return Plan('dot')
+  oh, ow = output_hw(x_shape, kernel_shape, strides, pads)
+  if strides == (1, 1) and groups == 1 and oh <= 2 and ow <= 2:
+    return Plan('im2col_ad')
   return Plan('xla', 'xla')
 
 
@@ -213,6 +223,18 @@ def _im2col_conv_bwd(pads, residuals, g):
 im2col_conv.defvjp(_im2col_conv_fwd, _im2col_conv_bwd)
 
 
+def im2col_autodiff_conv(x, kernel, pads):
+  """Stride-1, ungrouped convolution as slices + one GEMM, differentiated by JAX.
+
+  For tiny maps (VGG's 2x2 block5 at 32 px input), where XLA's CPU convolution runs ~50x below
+  GEMM speed: the gradients are a GEMM (dW), and a GEMM plus shifted pads (dx, col2im), all small.
+  x: [N, H, W, Cin]; kernel [kh, kw, Cin, Cout] -> [N, OH, OW, Cout].
+  """
+  kh, kw, cin, cout = kernel.shape
+  cols = _im2col(x, (kh, kw), pads, output_hw(x.shape, kernel.shape, (1, 1), pads))
+  return _dot(cols, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
+
+
 @jax.custom_vjp
 def pointwise_conv(x, kernel):
   """A 1x1, stride-1, unpadded, ungrouped convolution as GEMMs in all three passes.
@@ -266,6 +288,8 @@ def space_to_depth_conv(x, kernel, strides, pads, inner: 'Plan'):
 def _stride1_conv(x, kernel, pads, groups, p: Plan):
   if p.fwd == 'im2col':
     return im2col_conv(x, kernel, pads)
+  if p.fwd == 'im2col_ad':
+    return im2col_autodiff_conv(x, kernel, pads)
   if p.fwd == 'dot':
     return pointwise_conv(x, kernel)
   if p.dw == 'xla':
