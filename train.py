@@ -4,9 +4,10 @@ r"""Trains one of cnn_jax's networks.
   python train.py --config=configs/alexnet.py:small,dataset=cifar10 --workdir=runs/alexnet \
       --config.batch_size=256
 
-Multi-process (one process per host): see README, "Beyond one machine".
+Multi-process (one process per host, all with the same flags): see docs/multihost.md.
 """
 
+import re
 import sys
 
 from absl import app
@@ -29,9 +30,46 @@ flags.DEFINE_integer("cpu_devices", None, "Number of (fake) CPU devices, for tes
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _flag_error_line(error: BaseException, argv) -> str:
+  """One line for a command-line error (absl would print 'FATAL Flags parsing error' and, for a bad
+  config file or an unknown --config.FIELD, a traceback)."""
+  text = str(error).strip()
+  if isinstance(error, (AttributeError, KeyError)):
+    # ml_collections: an override names a field the config does not have. The message is a repr of
+    # "'field'" plus, for a near miss, 'Did you mean "x" instead of "y"?'.
+    match = re.search(r"[\\']*'?(\w+)[\\']*", text)
+    field = match.group(1) if match else "?"
+    flag = next((a.split("=")[0] for a in argv[1:]
+                 if a.startswith("--config.") and a.split("=")[0].rsplit(".", 1)[-1] == field),
+                f"--config.{field}")
+    hint = re.search(r"Did you mean \"[^\"]+\" instead of \"[^\"]+\"\?", text)
+    return (f"{flag}: the config has no field {field!r}{' (' + hint.group(0) + ')' if hint else ''}; "
+            "the fields are in configs/common.py (and the model's config file)")
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if isinstance(error, OSError) and lines:
+    return f"--config: cannot load the config file: {lines[-1]}"
+  if len(lines) > 1:  # a config file's traceback: its last line is the exception
+    first = lines[0].rstrip(":")
+    return f"{first}: {lines[-1]}" if first.startswith("flag ") else lines[-1]
+  return lines[0] if lines else type(error).__name__
+
+
+def _parse_flags(argv):
+  """absl flag parsing with every failure reduced to one 'error: ...' line and exit status 2."""
+  try:
+    args = FLAGS(argv)
+    if FLAGS["config"].present:
+      FLAGS.config.keys()  # a config file that failed to load reports it only on first use
+    return args
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    print(f"error: {_flag_error_line(e, argv)} (see --helpshort)", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(f"error: unexpected arguments {argv[1:]}; flags look like --name=value", file=sys.stderr)
+    return 2
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax, tfds) stays out of the way
   # Imported here so `--help` and flag errors do not pay for JAX/TF start-up.
@@ -42,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=_parse_flags))

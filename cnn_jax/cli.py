@@ -1,17 +1,26 @@
 """Process start-up shared by the command-line entry points.
 
-`run(fn, ...)` hides GPUs from TensorFlow, joins the multi-process runtime when asked, and turns a
-`UserError` into one line on stderr and exit status 2 (NaN/Inf: status 3), with no traceback.
+`setup_runtime` hides GPUs from TensorFlow, sets the (fake) CPU device count and joins the multi-process
+runtime (jax.distributed) when asked; `run(fn, ...)` turns a `UserError` into one line on stderr and exit
+status 2 (NaN/Inf: status 3; Ctrl-C during set-up: 130), with no traceback.
+
+Multi-process: one process per host (or per GPU), all started with the same flags. The coordinator
+(process 0's host:port) and the process count/index come from --coordinator_address/--num_processes/
+--process_id, or are auto-detected by `jax.distributed.initialize()` under SLURM, Open MPI, Cloud TPU
+and Kubernetes JobSet. On CPU the cross-process collectives are gloo (JAX's default). Only process 0
+logs below ERROR and prints progress. See docs/multihost.md.
 """
 
 import logging
 import os
+import re
 import sys
 
 from cnn_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130  # the shell's status for SIGINT
 
 # Environment variables by which a cluster launcher tells JAX it is one of several processes;
 # `jax.distributed.initialize()` auto-detects the coordinator from them.
@@ -44,28 +53,69 @@ def setup_runtime(coordinator_address=None, num_processes=None, process_id=None,
   distributed: 'auto' joins when a coordinator is given or a cluster launcher is detected;
   'on' always calls jax.distributed.initialize() (auto-detection); 'off' never does.
   """
+  # Flags first: a mistake is reported before TensorFlow and JAX take seconds to start.
+  explicit = coordinator_address is not None
+  detected = _cluster_size_from_env() if distributed == "auto" else None
+  join = distributed != "off" and bool(explicit or detected or distributed == "on")
+  if cpu_devices is not None and int(cpu_devices) < 1:
+    raise UserError(f"--cpu_devices={cpu_devices} must be >= 1")
+  if not join and (num_processes is not None or process_id is not None):
+    raise UserError("--num_processes/--process_id need --coordinator_address (host:port of process 0)")
+  kwargs = {}
+  if join and explicit:
+    if num_processes is None or process_id is None:
+      raise UserError("--coordinator_address needs --num_processes and --process_id as well")
+    if int(num_processes) < 1 or not 0 <= int(process_id) < int(num_processes):
+      raise UserError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    if not re.fullmatch(r"\S+:\d+", coordinator_address):
+      raise UserError(f"--coordinator_address={coordinator_address!r} must be host:port of process 0")
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=int(num_processes),
+                  process_id=int(process_id))
+
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # tf.data only; never competes with JAX for the GPU
   import jax  # pylint: disable=g-import-not-at-top
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", int(cpu_devices))
-  explicit = coordinator_address is not None
-  detected = _cluster_size_from_env() if distributed == "auto" else None
-  if distributed == "off" or not (explicit or detected or distributed == "on"):
+  if not join:
     return
-  kwargs = {}
-  if explicit:
-    if num_processes is None or process_id is None:
-      raise UserError("--coordinator_address needs --num_processes and --process_id as well")
-    kwargs = dict(coordinator_address=coordinator_address, num_processes=int(num_processes),
-                  process_id=int(process_id))
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise UserError(f"could not join the multi-process runtime ({first}); check --coordinator_address "
+                    "(process 0's host:port, reachable from every host) and that all processes were "
+                    "started") from e
+  if jax.process_index() != 0:
+    # One voice: the other processes only report errors.
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
   logging.info("joined %d processes as process %d (%s)", jax.process_count(), jax.process_index(),
                "explicit coordinator" if explicit else detected or "auto-detected")
 
 
+class _NoLibraryTracebacks(logging.Filter):
+  """Drops Orbax's ERROR records that carry a traceback.
+
+  Orbax logs a failed background write with its traceback and then re-raises the same error in the loop,
+  which reports it once: as one line when it is the user's to fix (a full disk), with its traceback
+  otherwise. Without this filter a full disk would print several tracebacks before that one line.
+  """
+
+  def filter(self, record):
+    where = f"{os.sep}orbax{os.sep}"
+    if record.name == "asyncio":  # "Task exception was never retrieved" of an Orbax read that failed
+      return where not in record.getMessage()
+    return not (record.exc_info and where in (record.pathname or ""))
+
+
 def train_main(config, workdir):
+  """The command-line training entry: cnn_jax.train.train_and_evaluate, status 0 (also when stopped)."""
   from cnn_jax import train  # pylint: disable=g-import-not-at-top
+  for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+    if not any(isinstance(f, _NoLibraryTracebacks) for f in logger.filters):
+      logger.addFilter(_NoLibraryTracebacks())
   train.train_and_evaluate(config, workdir)
   return 0
 
@@ -77,6 +127,9 @@ def run(fn, *args, **kwargs) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     if type(e).__name__ == "NonFiniteError":
       print(f"error: {e}", file=sys.stderr, flush=True)

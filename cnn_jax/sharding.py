@@ -1,7 +1,9 @@
 """Device mesh and shardings: the batch is split on a `data` axis, parameters are replicated.
 
 Everything is written as single-device code under `jax.jit`; XLA inserts the cross-device reductions
-(gradient all-reduce, BatchNorm statistics over the global batch) from these shardings.
+(gradient all-reduce, BatchNorm statistics over the global batch) from these shardings. So BatchNorm
+normalises with the statistics of the GLOBAL batch, over all devices of all processes, whatever the device
+count (pmap-era code normalised per device); a run on 8 devices equals the run on 1 up to float rounding.
 The mesh keeps a `data` axis; a second axis (e.g. `model` for sharding the FC weights of AlexNet/VGG)
 is the seam left for later: add it to `make_mesh` and give the large kernels a `PartitionSpec` naming it.
 """
@@ -45,7 +47,12 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> N
 
 
 def make_global_batch(local_batch: Dict[str, Any], mesh: Mesh) -> Dict[str, jax.Array]:
-  """Assembles per-process numpy arrays [B_local, ...] into global arrays [B_global, ...] on `data`."""
+  """Assembles per-process numpy arrays [B_local, ...] into global arrays [B_global, ...] on `data`.
+
+  Every process calls it with its own B_local = B_global / process_count examples; each lands on that
+  process's devices (with the usual process-major device order: process 0's rows first). Nothing crosses
+  the network here; the step's collectives do that.
+  """
   sharding = batch_sharded(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)

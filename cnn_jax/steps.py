@@ -5,7 +5,6 @@ arrays; `cnn_jax.train` jits them over the mesh. The dropout key of step t is `f
 resumed run draws exactly the masks an uninterrupted one would.
 """
 
-import functools
 from typing import Any, Callable, Dict, Tuple
 
 import flax
@@ -80,10 +79,16 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 
 
 def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """[B] float32: 1 where the label is among the k largest logits."""
-  k = min(k, logits.shape[-1])
-  _, top = jax.lax.top_k(logits, k)
-  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+  """[B] float32: 1 where the label is among the k largest logits (ties go to the lower class index,
+  as lax.top_k breaks them; a constant output therefore scores top-k only for the first k classes).
+
+  Elementwise per example, so a batch sharded over devices needs no gather (lax.top_k would all-gather
+  the logits of the whole batch).
+  """
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  index = jnp.arange(logits.shape[-1])[None, :]
+  ahead = (logits > label_logit) | ((logits == label_logit) & (index < labels[:, None]))
+  return (jnp.sum(ahead, axis=-1) < k).astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:

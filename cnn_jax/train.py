@@ -4,13 +4,12 @@ Reads top to bottom. All I/O (data, checkpoints, metrics files) happens here; th
 `cnn_jax.steps` are pure and run under one `jax.jit` over a `Mesh` of every device of every process.
 """
 
-import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any, Dict, Iterator, Optional
@@ -24,6 +23,7 @@ from cnn_jax import checkpoint as ckpt_lib
 from cnn_jax import data as data_lib
 from cnn_jax import models
 from cnn_jax.models import summary as model_summary
+from cnn_jax import ops
 from cnn_jax import perf
 from cnn_jax import sharding as shd
 from cnn_jax import steps as steps_lib
@@ -39,10 +39,18 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop polls between steps (the step in flight finishes)."""
+  """Turns SIGTERM/SIGINT into a flag the loop polls between steps (the step in flight finishes).
+
+  With several processes the flag of any one of them stops all of them at the same step: they compare
+  flags (one tiny allgather) only at log steps, where the loop synchronises with the devices anyway, so
+  every process runs the same number of collective steps and none waits forever for the others. (JAX's
+  own preemption notice, `multihost_utils.reached_preemption_sync_point`, covers SIGTERM only; this
+  covers Ctrl-C too and is the same on one process and many.)
+  """
 
   def __init__(self):
     self.requested = None
+    self.loop_started = False
     self._old = {}
 
   def install(self):
@@ -54,13 +62,60 @@ class _StopRequest:
 
   def _handler(self, signum, frame):
     del frame
-    if self.requested is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    if signum == signal.SIGINT and (self.requested is not None or not self.loop_started):
+      raise KeyboardInterrupt  # Ctrl-C during set-up, or a second one, stops at once
     self.requested = signal.Signals(signum).name
+
+  def should_stop(self, step: int, every: int) -> Optional[str]:
+    """The signal name if the run must stop before `step` + 1; all processes get the same answer."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+    return (self.requested or "a signal to another process") if np.any(flags) else None
 
   def uninstall(self):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    self._old.clear()
+
+
+class _WorkdirLock:
+  """An exclusive lock on `<workdir>/.lock` (process 0): two runs writing one workdir corrupt each other.
+
+  flock is released by the kernel when the process dies, even by kill -9, so a lock is never stale.
+  """
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, ".lock")
+    self._file = None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    import fcntl  # pylint: disable=g-import-not-at-top
+    self._file = open(self._path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "unknown"
+      self._file.close()
+      self._file = None
+      raise UserError(f"workdir {os.path.dirname(self._path)} is in use by another run ({holder}); wait for "
+                      "it to finish or stop it, or pass another --workdir") from e
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    self._file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      self._file.close()  # releases the flock
+      self._file = None
 
 
 def _prefetch_to_mesh(it: Iterator[Dict[str, np.ndarray]], mesh, size: int = 2):
@@ -96,6 +151,32 @@ def _prepare_workdir(workdir: str) -> None:
     raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from e
 
 
+def _last_good(manager, workdir: str) -> str:
+  latest = manager.latest_step()
+  if latest is None:
+    return "no checkpoint was written before it."
+  return f"the last good checkpoint (step {latest}) in {os.path.join(workdir, 'checkpoints')} is kept."
+
+
+def _wait_quietly(manager) -> None:
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("a background checkpoint save failed too: %s", e)
+
+
+def _check_loop_config(config) -> None:
+  """UserError for loop settings that cannot work (instead of a ZeroDivisionError mid-run)."""
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    value = config.get(field)
+    if not isinstance(value, int) or value < 1:
+      raise UserError(f"--config.{field}={value!r} must be a whole number >= 1")
+  if not config.eval_every_epochs > 0:
+    raise UserError(f"--config.eval_every_epochs={config.eval_every_epochs!r} must be > 0")
+  if config.num_train_steps <= 0 and not config.num_epochs > 0:
+    raise UserError("set --config.num_epochs > 0 or --config.num_train_steps > 0")
+
+
 def build_model(config, num_classes: int):
   """The configured model with its compute dtype."""
   if config.dtype not in _DTYPES:
@@ -118,16 +199,68 @@ def evaluate(eval_fn, state, config, mesh) -> Dict[str, float]:
           "top5": float(totals["top5"]) / count, "count": int(count)}
 
 
+def _rewind_metrics(workdir: str, step: int) -> None:
+  """Drops metrics.jsonl records after `step`: a resumed run writes them again, so none appear twice."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        kept.append(line)
+    except ValueError:
+      pass  # a line torn by kill -9
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _all_finite(tree) -> bool:
+  """True if every array of `tree` is finite (one small jitted reduction, fetched to the host)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return bool(jax.device_get(_all_finite_jit(leaves)))
+
+
+@jax.jit
+def _all_finite_jit(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Trains `config.model` on `config.dataset`; writes metrics/checkpoints to `workdir`; returns the summary."""
+  """Trains `config.model` on `config.dataset`; writes metrics/checkpoints to `workdir`; returns the summary.
+
+  Restarting with the same config and workdir resumes from the newest complete checkpoint; on CPU the
+  resumed run ends bit-identical to an uninterrupted one. SIGTERM/SIGINT finish the current step, save and
+  return {'stopped': signal name, 'step': step}. NaN/Inf raises NonFiniteError (last good checkpoint kept).
+
+  BatchNorm statistics are computed over the GLOBAL batch (all devices of all processes): the step is
+  one jit over a batch sharded on the `data` mesh axis, and XLA reduces the per-channel moments across
+  devices, so a run's numbers do not depend on the device count (pmap-era code used per-device statistics).
+  """
+  _prepare_workdir(workdir)
+  # Installed before the (possibly long) set-up, so a SIGTERM then still ends cleanly with status 0.
+  stop = _StopRequest().install()
+  try:
+    with _WorkdirLock(workdir):
+      return _train_and_evaluate(config, workdir, stop)
+  finally:
+    stop.uninstall()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop: "_StopRequest") -> Dict[str, Any]:
   t_start = time.time()
   is_main = jax.process_index() == 0
-  _prepare_workdir(workdir)
   config = config.copy_and_resolve_references()
   if not config.get("cache_dir"):
     config.cache_dir = workdir  # dataset statistics (PCA lighting, mean/std) are cached with the run
 
   # --- Set-up: mesh, data, model, optimiser ---------------------------------------------------
+  _check_loop_config(config)
   mesh = shd.make_mesh()
   shd.check_batch_size(config.batch_size, mesh)
   shd.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
@@ -143,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     raise UserError(f"the train split has {info.num_train} examples, fewer than one batch of "
                     f"{config.batch_size}; lower --config.batch_size")
   total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(config.num_epochs * steps_per_epoch))
+                 else max(1, int(config.num_epochs * steps_per_epoch)))
   schedule = steps_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
   tx = steps_lib.make_optimizer(config, schedule)
 
@@ -156,17 +289,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   # --- Restore: this workdir's latest checkpoint, else `init_from` -------------------------------
   identity = _identity(config, info.num_classes)
-  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints)
-  state, meta = ckpt_lib.restore_latest(manager, state, identity, workdir)
+  fp = fingerprint(config)
+  identity_soft = {**identity, "dataset": info.name, "fingerprint_fields": fp["fields"]}
+  manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints,
+                                  async_save=config.get("checkpoint_async", True))
+  state, meta = ckpt_lib.restore_latest(manager, state, identity_soft, workdir)
   start_step = int(jax.device_get(state.step))
   if meta is not None:
     logging.info("resumed from step %d in %s", start_step, workdir)
+    if meta.get("num_processes", jax.process_count()) != jax.process_count():
+      # Each process shuffles its own slice of the split, so the batches from here on differ from
+      # those the original process count would have drawn (still every example once per epoch).
+      logging.warning("resuming a %d-process run with %d processes: the input order changes",
+                      meta["num_processes"], jax.process_count())
     if is_main:
+      _rewind_metrics(workdir, start_step)
       print(f"Resuming {workdir} from step {start_step}.", flush=True)
   elif config.get("init_from"):
     state = ckpt_lib.init_from(state, config.init_from)
 
-  fp = fingerprint(config)
   run_info = {
       "model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "dataset": info.name,
       "num_classes": info.num_classes, "class_names": list(info.class_names or []),
@@ -180,13 +321,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   # --- Compile the steps over the mesh ----------------------------------------------------------
   batch_sharding = shd.batch_sharded(mesh)
+  # On the CPU, ops.compiler_options() turns off XLA's YNNPACK convolutions (1.5-2.5x slower per step
+  # here, see cnn_jax/ops); elsewhere it is empty.
+  step_fn = functools.partial(steps_lib.train_step, label_smoothing=config.optimizer.label_smoothing,
+                              schedule=schedule)
   train_fn = jax.jit(
-      functools.partial(steps_lib.train_step, label_smoothing=config.optimizer.label_smoothing,
-                        schedule=schedule),
-      in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=(0,))
+      step_fn, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=(0,), compiler_options=ops.compiler_options())
   eval_fn = jax.jit(steps_lib.eval_step, in_shardings=(replicated, batch_sharding),
-                    out_shardings=replicated)
+                    out_shardings=replicated, compiler_options=ops.compiler_options())
 
   train_iter = _prefetch_to_mesh(data_lib.create_train_iter(
       config, seed=config.seed, start_step=start_step, process_index=jax.process_index(),
@@ -195,9 +338,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   first_batch = next(train_iter)
   lowered = train_fn.lower(state, first_batch)
   compiled = lowered.compile()
-  step_flops = perf.step_flops(lowered, compiled, jax.device_count())
-  fwd_flops = model_summary.flops_per_example(model, {"params": state.params, **(
-      {"batch_stats": state.batch_stats} if state.batch_stats is not None else {})}, config.image_size)
+  step_flops = perf.step_flops(compiled, jax.device_count(), jax.jit(step_fn), state, first_batch)
+  shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  fwd_flops = model_summary.flops_per_example(model, shapes({"params": state.params, **(
+      {"batch_stats": state.batch_stats} if state.batch_stats is not None else {})}), config.image_size)
   run_info.update(train_flops_per_step=step_flops, flops_per_example=fwd_flops)
 
   if is_main:
@@ -210,9 +354,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   # --- The loop ---------------------------------------------------------------------------------
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
-  stop = _StopRequest().install()
   pending = []   # (step, device metrics) since the last log: fetched together to avoid a sync per step
   best = {"top1": -1.0, "top5": -1.0, "step": None}
+  if meta is not None and isinstance(meta.get("best"), dict):
+    best.update(meta["best"])  # the best eval before the interruption still counts
+  last_saved = start_step if meta is not None else None
   last_eval = None
   t_log, n_log, train_time = time.time(), 0, 0.0
   step = start_step
@@ -220,7 +366,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   def meta_now(step):
     return {**identity, "step": step, "pipeline": {"seed": config.seed, "next_step": step},
-            "fingerprint": fp["hash"], "dataset": info.name, "config": config.to_json_best_effort()}
+            "fingerprint": fp["hash"], "fingerprint_fields": fp["fields"], "dataset": info.name,
+            "best": best,
+            "num_processes": jax.process_count(), "config": config.to_json_best_effort()}
+
+  def save_checkpoint(step, metrics=None):
+    """Saves the state after `step` unless already saved; never a non-finite one."""
+    nonlocal last_saved
+    if last_saved == step:
+      return
+    flush_metrics(step)
+    if not _all_finite(state.params):
+      raise NonFiniteError(
+          f"parameters became non-finite at step {step} (loss and gradients were finite); "
+          f"{_last_good(manager, workdir)} Lower --config.optimizer.learning_rate or set "
+          "--config.optimizer.grad_clip_norm")
+    ckpt_lib.save(manager, state, meta_now(step), metrics=metrics)
+    last_saved = step
 
   def flush_metrics(step):
     """Fetches pending metrics, stops on NaN/Inf, logs the mean over the interval."""
@@ -232,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
         raise NonFiniteError(
             f"loss or gradient became non-finite at step {s} (loss={m['loss']}, grad_norm="
-            f"{m['grad_norm']}); the last good checkpoint in {workdir}/checkpoints is kept. "
+            f"{m['grad_norm']}); {_last_good(manager, workdir)} "
             "Lower --config.optimizer.learning_rate or set --config.optimizer.grad_clip_norm")
     dt = time.time() - t_log
     train_time += dt
@@ -250,11 +412,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     n_log = 0
     t_log = time.time()
 
+  stop.loop_started = True
   try:
     batch = first_batch
     while step < total_steps:
-      if stop.requested:
-        stopped_by = stop.requested
+      stopped_by = stop.should_stop(step, config.log_every_steps)
+      if stopped_by:
         break
       if batch is None:
         batch = next(train_iter)
@@ -269,26 +432,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         flush_metrics(step)
         t_eval = time.time()
         last_eval = evaluate(eval_fn, state, config, mesh)
-        writer.write("eval", step, {**last_eval, "epoch": step / steps_per_epoch})
         if last_eval["top1"] > best["top1"]:
           best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "step": step}
+        writer.write("eval", step, {**last_eval, "epoch": step / steps_per_epoch})
         t_log += time.time() - t_eval  # eval time is not train time
       if step % config.checkpoint_every_steps == 0 or is_eval or step == total_steps:
-        flush_metrics(step)  # never checkpoint a non-finite state
-        ckpt_lib.save(manager, state, meta_now(step),
-                      metrics={"top1": last_eval["top1"]} if is_eval else None)
+        save_checkpoint(step, metrics={"top1": last_eval["top1"]} if is_eval else None)
     flush_metrics(step)
     if stopped_by and step > start_step:
-      ckpt_lib.save(manager, state, meta_now(step))
+      save_checkpoint(step)
+  except BaseException:
+    _wait_quietly(manager)  # a failed background save must not hide the error in flight
+    raise
+  else:
+    ckpt_lib.wait(manager)
   finally:
-    manager.wait_until_finished()
-    stop.uninstall()
     writer.close()
 
   if stopped_by:
     if is_main:
-      print(f"\nStopped by {stopped_by} after step {step}; checkpoint saved in "
-            f"{os.path.join(workdir, 'checkpoints')}. Run the same command to resume.", flush=True)
+      where = (f"checkpoint of step {step} is in {os.path.join(workdir, 'checkpoints')}" if step > 0
+               else "no step was taken, so there is no checkpoint")
+      print(f"\nStopped by {stopped_by} after step {step}; {where}. Run the same command to resume.",
+            flush=True)
     return {"stopped": stopped_by, "step": step}
 
   if last_eval is None:  # resumed a finished run: evaluate the final state again for the summary

@@ -109,7 +109,8 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, lear
   config.log_every_steps = 50
   config.eval_every_epochs = 1.0  # also at the end
   config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3     # the last N, plus the best by eval top-1
+  config.checkpoint_async = True  # write checkpoints in a background thread while training goes on
   config.init_from = config_dict.placeholder(str)         # another run's workdir or checkpoint: start from its weights.
   config.progress = True          # a live progress line on process 0
 

@@ -95,6 +95,16 @@ def test_weight_decay_skips_biases():
   np.testing.assert_allclose(updates["conv"]["bias"], 0.0)
 
 
+def test_topk_matches_lax_top_k_including_ties():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.integers(0, 3, size=(64, 10)).astype(np.float32))  # many ties
+  labels = jnp.asarray(rng.integers(0, 10, size=64).astype(np.int32))
+  for k in (1, 5):
+    _, top = jax.lax.top_k(logits, k)
+    expected = np.any(np.asarray(top) == np.asarray(labels)[:, None], axis=-1)
+    np.testing.assert_array_equal(np.asarray(steps_lib._topk_correct(logits, labels, k)), expected)
+
+
 def test_eval_step_masks_padding_and_averages_crops():
   model = models.get_model("lenet", 10)
   state = steps_lib.create_train_state(model, optax.sgd(0.1), jax.random.PRNGKey(0), (28, 28, 3))
@@ -113,13 +123,13 @@ def test_eval_step_masks_padding_and_averages_crops():
 # --- Real learning on Fashion-MNIST (real data from ../shared, prepared once per session) --------
 
 # NiN is the slow starter (ReLUs right before global average pooling, no FC head; the chapter says it "can
-# take longer to train"): it gets twice the steps and a lower bar — 0.15 on 10,000 test images is still far
-# outside chance (0.10 +- 0.003). Its full-length accuracy is measured by the comparison runs (README).
+# take longer to train", and at LR 0.05 this tiny one collapsed to constant logits): it gets twice the steps,
+# a lower LR and a lower bar — 0.2 on 10,000 test images is still far outside chance (0.10 +- 0.003). Its full-length accuracy is measured by the comparison runs (README).
 @pytest.mark.parametrize("model,kwargs,lr,steps,min_top1", [
     ("lenet", dict(), 0.1, 150, 0.5),
     ("alexnet", dict(geometry="small", width=0.125), 0.04, 150, 0.5),
     ("vgg11", dict(geometry="small", width=0.125), 0.04, 150, 0.5),
-    ("nin", dict(geometry="small", width=0.25), 0.05, 300, 0.15),
+    ("nin", dict(geometry="small", width=0.25), 0.02, 300, 0.2),
 ])
 def test_short_fashion_mnist_run_learns(model, kwargs, lr, steps, min_top1, fashion_mnist_dir, tmp_path):
   """A few hundred steps lower the loss and beat chance (0.10) clearly on the whole test split."""

@@ -1,0 +1,379 @@
+"""Checkpoints and fault tolerance: retention, resume after SIGTERM / kill -9 (bit-identical on CPU), damaged
+checkpoints, NaN, incompatible configs, fine-tuning from another run's weights.
+
+The end-to-end runs use a slice of the real Fashion-MNIST (`fashion_mnist_dir`) and tiny networks; the
+subprocess runs share a persistent XLA compilation cache so relaunches do not recompile.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cnn_jax import checkpoint as ckpt_lib
+from cnn_jax import cli
+from cnn_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TIMING_KEYS = {"time", "img_per_s", "mfu", "wall_s"}
+
+
+def _config(module="lenet", arg="smoke", **overrides):
+  sys.path.insert(0, REPO)
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{module}").get_config(arg)
+  config.progress = False
+  for k, v in overrides.items():
+    node = config
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
+def load_state(workdir, step):
+  """{'params': ..., ...} of `workdir`'s checkpoint `step` as numpy arrays (independent of its mesh)."""
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  metadata = manager.item_metadata(step)["state"]
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), metadata)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  return jax.tree.map(np.asarray, state)
+
+
+def assert_trees_equal(a, b):
+  """Bit-for-bit equality of two trees of arrays (same structure, shapes, dtypes, values)."""
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), "arrays differ"
+
+
+def steps_in(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(l).items() if k not in _TIMING_KEYS} for l in f]
+
+
+# --- Retention policy (no training) ----------------------------------------------------------------
+
+class _State:
+  """The fields checkpoint.state_to_tree reads."""
+
+  def __init__(self, step, value):
+    self.step = jnp.int32(step)
+    self.params = {"w": jnp.full((4,), value, jnp.float32)}
+    self.opt_state = {"m": jnp.zeros((4,), jnp.float32)}
+    self.rng = jax.random.PRNGKey(step)
+    self.batch_stats = None
+
+
+def test_keeps_last_n_and_the_best(tmp_path):
+  manager = ckpt_lib.make_manager(str(tmp_path), keep=2, async_save=True)
+  top1 = {2: 0.3, 4: 0.9, 6: 0.5, 8: 0.4}  # the best (step 4) is neither of the last two
+  for step in range(1, 11):
+    metrics = {"top1": top1[step]} if step in top1 else None
+    assert ckpt_lib.save(manager, _State(step, step), {"step": step}, metrics=metrics)
+  ckpt_lib.wait(manager)
+  assert sorted(manager.all_steps()) == [4, 9, 10]
+  # A step that exists is not written again (a resumed run reaching a saved step must not crash).
+  assert not ckpt_lib.save(manager, _State(10, -1.0), {"step": 10})
+  ckpt_lib.wait(manager)
+  assert float(load_state(str(tmp_path), 10)["params"]["w"][0]) == 10.0
+  # After a restart (a new manager) the best is still known, so still kept.
+  manager = ckpt_lib.make_manager(str(tmp_path), keep=2, async_save=True)
+  for step in (11, 12):
+    ckpt_lib.save(manager, _State(step, step), {"step": step})
+  ckpt_lib.wait(manager)
+  assert sorted(manager.all_steps()) == [4, 11, 12]
+
+
+# --- Interrupted runs resume bit-identically (subprocesses) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _launch(args, log_path, compile_cache):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  log = open(log_path, "w")
+  proc = subprocess.Popen([sys.executable, "train.py"] + args, cwd=REPO, env=env, stdout=log,
+                          stderr=subprocess.STDOUT)
+  proc.log_path = log_path
+  return proc
+
+
+def _log(proc):
+  with open(proc.log_path) as f:
+    return f.read()
+
+
+def _wait_until(condition, proc, timeout=180):
+  """Polls `condition` every 20 ms while `proc` runs; fails the test on timeout or early exit."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if condition():
+      return
+    if proc.poll() is not None:
+      pytest.fail(f"process exited ({proc.returncode}) before the kill point:\n{_log(proc)[-3000:]}")
+    time.sleep(0.02)
+  pytest.fail(f"kill point not reached in {timeout}s:\n{_log(proc)[-3000:]}")
+
+
+def _finish(proc, timeout=240):
+  try:
+    return proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache, tmp_path):
+  """SIGTERM, then kill -9 during start-up, then kill -9 mid-training (maybe mid-save); the resumed run ends
+  with the same checkpoint arrays (bit for bit), the same eval metrics and the same metrics.jsonl as an
+  uninterrupted run. NiN has dropout, so the RNG is part of what must resume exactly."""
+  args = ["--config=configs/nin.py:smoke", f"--config.data_dir={fashion_mnist_dir}",
+          "--config.train_split=train[:2048]", "--config.eval_split=test[:512]",
+          "--config.num_train_steps=40", "--config.log_every_steps=5", "--config.checkpoint_every_steps=3",
+          "--config.eval_every_epochs=0.3", "--config.progress=false", "--cpu_devices=2"]
+  ref_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+  reference = _launch(args + [f"--workdir={ref_dir}"], tmp_path / "reference.log", compile_cache)
+  procs = [reference]
+  try:
+    # 1. SIGTERM once a few checkpoints exist: finishes the step, saves, exits 0 with a message.
+    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run1.log", compile_cache)
+    procs.append(proc)
+    _wait_until(lambda: any(s >= 6 for s in steps_in(run_dir)), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert _finish(proc) == 0, _log(proc)[-3000:]
+    out = _log(proc)
+    assert "Stopped by SIGTERM after step" in out and "Run the same command to resume" in out, out[-2000:]
+    stopped_at = int(out.split("Stopped by SIGTERM after step ")[1].split(";")[0])
+    assert stopped_at in steps_in(run_dir) and stopped_at < 40
+
+    # 2. kill -9 while the resumed run starts up (restore, compile).
+    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run2.log", compile_cache)
+    procs.append(proc)
+    _wait_until(lambda: "Resuming" in _log(proc), proc)
+    proc.kill()
+    proc.wait()
+    assert f"from step {stopped_at}." in _log(proc)
+
+    # 3. kill -9 mid-training, shortly after a checkpoint appeared (often while the next one is written).
+    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run3.log", compile_cache)
+    procs.append(proc)
+    _wait_until(lambda: any(s >= 24 for s in steps_in(run_dir)), proc)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+
+    # 4. The same command again runs to the end.
+    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run4.log", compile_cache)
+    procs.append(proc)
+    assert _finish(proc) == 0, _log(proc)[-3000:]
+    resumed_from = int(_log(proc).split("Resuming")[1].split("from step ")[1].split(".")[0])
+    assert 24 <= resumed_from < 40
+    assert _finish(reference) == 0, _log(reference)[-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+  assert_trees_equal(load_state(run_dir, 40), load_state(ref_dir, 40))
+  ref_summary = json.load(open(os.path.join(ref_dir, "summary.json")))
+  run_summary = json.load(open(os.path.join(run_dir, "summary.json")))
+  for k in ("final_top1", "final_top5", "final_loss", "best_top1", "best_top5", "best_step", "steps",
+            "eval_examples"):
+    assert run_summary[k] == ref_summary[k], k
+  # Eval records are identical; train records too from the last resume on (before it, the SIGTERM
+  # stop logged a shorter interval). Nothing is logged twice.
+  ref_records, run_records = records(ref_dir), records(run_dir)
+  assert [r for r in run_records if r["split"] == "eval"] == [r for r in ref_records if r["split"] == "eval"]
+  tail = lambda rs: [r for r in rs if r["split"] == "train" and r["step"] > resumed_from]
+  assert tail(run_records) == tail(ref_records) and tail(ref_records)
+  run_steps = [(r["split"], r["step"]) for r in run_records]
+  assert len(run_steps) == len(set(run_steps))
+
+
+# --- In-process scenarios on one small finished run -------------------------------------------------
+
+def _lenet_config(data_dir, **overrides):
+  # 512 train images, batch 32: 16 steps per epoch; eval every 4 steps; checkpoints at 2, 4, 6, 8.
+  fields = dict(data_dir=data_dir, train_split="train[:512]", eval_split="test[:128]", num_train_steps=8,
+                checkpoint_every_steps=2, eval_every_epochs=0.25, log_every_steps=2, keep_checkpoints=3)
+  return _config("lenet", **{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def lenet_run(fashion_mnist_dir, tmp_path_factory):
+  """A finished 8-step LeNet run (in-process, 8 devices): (workdir, summary). Copy it before changing it."""
+  workdir = str(tmp_path_factory.mktemp("lenet_run"))
+  summary = train.train_and_evaluate(_lenet_config(fashion_mnist_dir), workdir)
+  return workdir, summary
+
+
+def _copy(workdir, tmp_path):
+  dest = str(tmp_path / "copy")
+  shutil.copytree(workdir, dest)
+  return dest
+
+
+def _snapshot(directory):
+  """Every file under `directory` with its size and mtime."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      st = os.stat(os.path.join(root, f))
+      out[os.path.relpath(os.path.join(root, f), directory)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_finished_run_keeps_last_n_plus_best_and_restarts_as_a_no_op(lenet_run, fashion_mnist_dir, tmp_path):
+  workdir, summary = lenet_run
+  assert summary["steps"] == 8
+  assert set(steps_in(workdir)) == {4, 6, 8} | {summary["best_step"]}
+  meta = json.load(open(os.path.join(workdir, "checkpoints", "8", "meta", "metadata")))
+  assert meta["model"] == "lenet" and meta["num_classes"] == 10 and meta["dataset"] == "fashion_mnist"
+  assert meta["pipeline"] == {"seed": 0, "next_step": 8} and "config" in meta and meta["fingerprint"]
+  # Running the finished run again restores step 8, trains nothing, saves nothing, reports the same.
+  wd = _copy(workdir, tmp_path)
+  before = _snapshot(os.path.join(wd, "checkpoints"))
+  again = train.train_and_evaluate(_lenet_config(fashion_mnist_dir), wd)
+  assert again["final_top1"] == summary["final_top1"] and again["best_top1"] == summary["best_top1"]
+  assert _snapshot(os.path.join(wd, "checkpoints")) == before
+
+
+def test_damaged_checkpoints_fall_back_and_are_moved_aside(lenet_run, fashion_mnist_dir, tmp_path, capfd):
+  """Newest truncated, the one before missing a file: resume from the third, retrain, same arrays."""
+  wd = _copy(lenet_run[0], tmp_path)
+  good_8 = load_state(wd, 8)
+  data_files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(wd, "checkpoints", "8", "state", "d"))
+                for f in fs]
+  for path in data_files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  os.remove(os.path.join(wd, "checkpoints", "6", "state", "manifest.ocdbt"))
+
+  summary = train.train_and_evaluate(_lenet_config(fashion_mnist_dir), wd)
+  err = capfd.readouterr().err
+  assert "checkpoint 8" in err and "checkpoint 6" in err and "damaged" in err, err
+  assert summary["steps"] == 8 and summary["final_top1"] == lenet_run[1]["final_top1"]
+  moved = sorted(os.listdir(os.path.join(wd, ckpt_lib.DAMAGED_DIR)))
+  assert [m.split("-")[0] for m in moved] == ["6", "8"]  # kept for inspection, not deleted
+  assert_trees_equal(load_state(wd, 8), good_8)  # steps 6 and 8 written again, identically
+
+
+def test_incompatible_config_is_refused_and_checkpoints_untouched(lenet_run, fashion_mnist_dir,
+                                                                  image_folder_dir, tmp_path, capfd):
+  wd = _copy(lenet_run[0], tmp_path)
+  before = _snapshot(os.path.join(wd, "checkpoints"))
+  # A different model.
+  status = cli.run(cli.train_main, _lenet_config(fashion_mnist_dir, model="vgg11"), wd)
+  err = capfd.readouterr().err.strip().splitlines()
+  assert status == cli.EXIT_USER_ERROR
+  assert len(err) == 1 and "different run" in err[0] and "model: checkpoint 'lenet' vs config 'vgg11'" in err[0]
+  assert "new --workdir" in err[0]
+  # A different class count (a 3-class image folder).
+  config = _lenet_config(None, dataset=f"folder:{image_folder_dir}", batch_size=8, eval_batch_size=8)
+  config.train_split, config.eval_split = "train", "test"
+  status = cli.run(cli.train_main, config, wd)
+  err = capfd.readouterr().err.strip().splitlines()
+  assert status == cli.EXIT_USER_ERROR and len(err) == 1
+  assert "num_classes: checkpoint 10 vs config 3" in err[0], err
+  assert _snapshot(os.path.join(wd, "checkpoints")) == before
+
+
+def test_init_from_copies_matching_weights_and_keeps_a_fresh_head(lenet_run, image_folder_dir, tmp_path, capfd):
+  """Fine-tune the 10-class Fashion-MNIST LeNet on a 3-class folder: all but the classifier copied."""
+  source_dir = lenet_run[0]
+  config = _lenet_config(None, dataset=f"folder:{image_folder_dir}", batch_size=8, eval_batch_size=8,
+                         num_train_steps=1, init_from=source_dir)
+  config.train_split, config.eval_split = "train", "test"
+  config.optimizer.learning_rate = 0.0  # the one step leaves the weights as initialised
+  config.optimizer.weight_decay = 0.0
+  wd = str(tmp_path / "finetune")
+  summary = train.train_and_evaluate(config, wd)
+  assert summary["steps"] == 1
+  assert "Initialised from" in capfd.readouterr().out
+  source = load_state(source_dir, 8)["params"]
+  tuned = load_state(wd, 1)["params"]
+  for layer in ("conv1", "conv2"):
+    assert_trees_equal(tuned[layer], source[layer])
+  assert_trees_equal(tuned["head"]["fc1"], source["head"]["fc1"])
+  assert tuned["head"]["logits"]["kernel"].shape[-1] == 3 and source["head"]["logits"]["kernel"].shape[-1] == 10
+  # Resuming the fine-tuning run uses its own checkpoint, not init_from again.
+  config.num_train_steps = 2
+  assert train.train_and_evaluate(config, wd)["steps"] == 2
+  assert "Initialised from" not in capfd.readouterr().out
+
+
+def test_nonfinite_loss_stops_with_status_3_and_keeps_last_good(fashion_mnist_dir, tmp_path, capfd):
+  config = _lenet_config(fashion_mnist_dir, num_train_steps=30, checkpoint_every_steps=1, log_every_steps=1,
+                         eval_every_epochs=100.0)
+  config.optimizer.learning_rate = 1e6
+  config.schedule.warmup_epochs = 0.0
+  wd = str(tmp_path / "nan")
+  status = cli.run(cli.train_main, config, wd)
+  err = [l for l in capfd.readouterr().err.splitlines() if l.startswith("error:")]
+  assert status == cli.EXIT_NONFINITE and len(err) == 1, err
+  assert "non-finite at step" in err[0] and "last good checkpoint" in err[0], err
+  bad_step = int(err[0].split("at step ")[1].split(" ")[0])
+  kept = steps_in(wd)
+  assert kept and max(kept) < bad_step
+  last = load_state(wd, max(kept))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(last["params"]))
+
+
+def test_sigint_in_process_finishes_the_step_and_saves(fashion_mnist_dir, tmp_path, monkeypatch):
+  """Ctrl-C during training: the step finishes, a checkpoint is written, the summary says 'stopped'."""
+  from cnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  real = data_lib.create_train_iter
+
+  def interrupting_iter(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == 6:  # the loop is a few steps in (2 batches are prefetched)
+        os.kill(os.getpid(), signal.SIGINT)
+      yield batch
+
+  monkeypatch.setattr(data_lib, "create_train_iter", interrupting_iter)
+  wd = str(tmp_path / "sigint")
+  before = signal.getsignal(signal.SIGINT)
+  result = train.train_and_evaluate(_lenet_config(fashion_mnist_dir, num_train_steps=50,
+                                                  checkpoint_every_steps=100, eval_every_epochs=100.0), wd)
+  assert result["stopped"] == "SIGINT" and 0 < result["step"] < 50
+  assert steps_in(wd) == [result["step"]]
+  assert signal.getsignal(signal.SIGINT) is before  # our handler is uninstalled
+
+
+def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
+  wd = str(tmp_path / "busy")
+  os.makedirs(wd)
+  with train._WorkdirLock(wd):  # pylint: disable=protected-access
+    with pytest.raises(train.UserError, match="in use by another run"):
+      train.train_and_evaluate(_config("lenet"), wd)
+  with train._WorkdirLock(wd):  # released, so it can be taken again
+    pass

@@ -1,0 +1,162 @@
+"""Bad input anywhere gives one clear line on stderr and a non-zero exit status, never a traceback.
+
+Command-line errors run `train.py` as a user does (they fail before JAX starts, so they are cheap);
+errors found while setting up a run go through `cli.run(cli.train_main, ...)`, the same path `train.py`
+takes, in-process. Unknown model/dataset, an unprepared data dir, an indivisible batch and an impossible
+geometry are covered by tests/test_train.py::test_bad_input_gives_one_clear_line.
+"""
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnn_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=120):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "train.py"] + args, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _one_error_line(stderr):
+  lines = [l for l in stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in stderr and "FATAL" not in stderr, stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize("args,expect", [
+    # absl/ml_collections flag errors: absl alone prints 'FATAL Flags parsing error' or a traceback.
+    (["--config=configs/nin.py:smoke", "--config.no_such_field=1"], "has no field 'no_such_field'"),
+    (["--config=configs/nin.py:smoke", "--config.batch_sise=64"], 'Did you mean "batch_size"'),
+    (["--config=configs/nin.py:smoke", "--config.model_kwargs.widht=2"], 'Did you mean "width"'),
+    (["--config=configs/nin.py:smoke", "--config.batch_size=abc"], "--config.batch_size=abc"),
+    (["--config=configs/nin.py:smoke", "--config.optimizer.learning_rate=fast"], "could not convert"),
+    (["--config=configs/nin.py:smoke,no_such_arg=1"], "unknown config arg(s) ['no_such_arg']"),
+    (["--config=configs/nin.py:smoke,res=big"], "invalid literal for int()"),
+    (["--config=configs/no_such_model.py"], "cannot load the config file"),
+    (["--config=configs/nin.py:smoke", "--workdir=/tmp/x", "stray"], "unexpected arguments"),
+    (["--config=configs/nin.py:smoke", "--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+])
+def test_command_line_errors(args, expect, tmp_path):
+  if not any(a.startswith("--workdir") for a in args):
+    args = args + [f"--workdir={tmp_path / 'w'}"]
+  proc = _run(args)
+  assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr[-2000:]
+  assert expect in _one_error_line(proc.stderr)
+
+
+def test_missing_workdir_flag():
+  proc = _run(["--config=configs/nin.py:smoke"])
+  assert proc.returncode == cli.EXIT_USER_ERROR and "--workdir" in _one_error_line(proc.stderr)
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--process_id=1"], "need --coordinator_address"),
+    (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"], "host:port"),
+    (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"], "--process_id=2"),
+])
+def test_multiprocess_flag_errors(flags, expect, tmp_path):
+  proc = _run(["--config=configs/nin.py:smoke", f"--workdir={tmp_path / 'w'}"] + flags)
+  assert proc.returncode == cli.EXIT_USER_ERROR and expect in _one_error_line(proc.stderr)
+
+
+# --- Errors found while setting a run up (in-process, through cli.run) -------------------------------
+
+def _config(**overrides):
+  sys.path.insert(0, REPO)
+  from configs import lenet  # pylint: disable=g-import-not-at-top
+  config = lenet.get_config("smoke")
+  config.progress = False
+  for k, v in overrides.items():
+    node = config
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
+def _train_status(config, workdir, capfd):
+  """(exit status, the single stderr line) of the command-line training entry."""
+  capfd.readouterr()
+  status = cli.run(cli.train_main, config, str(workdir))
+  err = capfd.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error:"), err
+  return status, err[0]
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (dict(dtype="float64"), "--config.dtype='float64'"),
+    (dict(image_size=0), "--config.image_size>=12"),
+    (dict(eval_batch_size=12), "eval_batch_size=12 is not divisible by the 8 devices"),
+    (dict(log_every_steps=0), "--config.log_every_steps=0"),
+    (dict(checkpoint_every_steps=-5), "--config.checkpoint_every_steps=-5"),
+    (dict(keep_checkpoints=0), "--config.keep_checkpoints=0"),
+    (dict(eval_every_epochs=0.0), "--config.eval_every_epochs"),
+    (dict(num_train_steps=-1, num_epochs=0), "num_epochs > 0"),
+    (dict(train_split="validation"), "no split 'validation'"),
+    (dict(batch_size=64, train_split="train[:40]"), "fewer than one batch"),
+    (dict(init_from="/nonexistent/run"), "no such checkpoint directory"),
+])
+def test_bad_config_values(overrides, expect, fashion_mnist_dir, tmp_path, capfd):
+  status, line = _train_status(_config(data_dir=fashion_mnist_dir, **overrides), tmp_path / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR and expect in line, line
+
+
+def _folder_config(root):
+  return _config(dataset=f"folder:{root}", batch_size=8, eval_batch_size=8, num_train_steps=2)
+
+
+def test_missing_image_folder(tmp_path, capfd):
+  status, line = _train_status(_folder_config(tmp_path / "nowhere"), tmp_path / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR and "does not exist" in line
+
+
+def test_empty_class_folder(image_folder_factory, tmp_path, capfd):
+  root = image_folder_factory()
+  os.makedirs(os.path.join(root, "train", "empty_class"))
+  status, line = _train_status(_folder_config(root), tmp_path / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR and "empty_class" in line and "no .jpg" in line, line
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_in_folder(damage, image_folder_factory, tmp_path, capfd):
+  root = image_folder_factory()
+  bad = os.path.join(root, "train", "cat", "img_0.png")
+  data = open(bad, "rb").read()
+  with open(bad, "wb") as f:
+    f.write(b"this is not an image" * 10 if damage == "garbage" else data[:len(data) // 2])
+  status, line = _train_status(_folder_config(root), tmp_path / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR and bad in line, line
+
+
+def test_unwritable_workdir(fashion_mnist_dir, tmp_path, capfd):
+  # A workdir below a regular file cannot be created (chmod would not stop root, who runs CI here).
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  status, line = _train_status(_config(data_dir=fashion_mnist_dir), blocker / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR and "not writable" in line and "--workdir" in line, line
+
+
+def test_disk_full_while_saving(fashion_mnist_dir, tmp_path, capfd, monkeypatch):
+  """Every file write of a checkpoint fails with ENOSPC (as on a full disk): one line, status 2."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path_cls = type(epath.Path(str(tmp_path)))
+
+  def no_space(self, *args, **kwargs):
+    del args, kwargs
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+  monkeypatch.setattr(path_cls, "write_text", no_space)
+  config = _config(data_dir=fashion_mnist_dir, train_split="train[:256]", eval_split="test[:64]",
+                   num_train_steps=4, checkpoint_every_steps=2)
+  status, line = _train_status(config, tmp_path / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR, line
+  assert "could not write the checkpoint" in line and "no space left" in line, line
+  assert not [n for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit()]
