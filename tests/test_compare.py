@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import time
 import subprocess
 import sys
 
@@ -144,12 +145,17 @@ def test_sweep_resumes_a_partial_run(sweep_root, tmp_path):
   shutil.rmtree(os.path.join(work, "checkpoints", str(STEPS)))
   assert sweep_lib.run_sweep(sweep, root2, only="lenet_s0", extra=extra, dry_run=True,
                              log=lambda m: None) == {"lenet_s0": "would resume from step 6"}
-  n_before = len(open(os.path.join(work, "metrics.jsonl")).readlines())
+  t_resume = time.time()
   out = sweep_lib.run_sweep(sweep, root2, only="lenet_s0", extra=extra, log=lambda m: None)
   assert out == {"lenet_s0": "resumed from step 6"}
   assert _summary(root2, "lenet_s0")["steps"] == STEPS
-  new = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl")).readlines()[n_before:]]
-  assert new and min(r["step"] for r in new) > 6  # only the steps after the checkpoint were trained
+  records = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  keys = [(r["split"], r["step"]) for r in records]
+  assert len(keys) == len(set(keys))  # the resumed run cut the log back: no step is logged twice
+  # Only the steps after the checkpoint were trained again; the records up to it are the original ones.
+  assert any(r["step"] > 6 for r in records)
+  assert all(r["time"] >= t_resume for r in records if r["step"] > 6)
+  assert all(r["time"] < t_resume for r in records if r["step"] <= 6)
 
 
 def test_sweep_refuses_a_workdir_of_another_recipe(sweep_root):
