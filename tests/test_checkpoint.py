@@ -22,6 +22,7 @@ import pytest
 from cnn_jax import checkpoint as ckpt_lib
 from cnn_jax import cli
 from cnn_jax import train
+from cnn_jax.compare.sweep import apply_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMING_KEYS = {"time", "img_per_s", "mfu", "wall_s"}
@@ -32,13 +33,7 @@ def _config(module="lenet", arg="smoke", **overrides):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{module}").get_config(arg)
   config.progress = False
-  for k, v in overrides.items():
-    node = config
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return config
+  return apply_overrides(config, overrides)
 
 
 def load_state(workdir, step):

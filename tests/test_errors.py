@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from cnn_jax import cli
+from cnn_jax.compare.sweep import apply_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,13 +74,7 @@ def _config(**overrides):
   from configs import lenet  # pylint: disable=g-import-not-at-top
   config = lenet.get_config("smoke")
   config.progress = False
-  for k, v in overrides.items():
-    node = config
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return config
+  return apply_overrides(config, overrides)
 
 
 def _train_status(config, workdir, capfd):

@@ -15,6 +15,7 @@ import pytest
 from cnn_jax import models
 from cnn_jax import sharding as shd
 from cnn_jax import steps as steps_lib
+from cnn_jax.compare.sweep import apply_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,14 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(**overrides):
   sys.path.insert(0, REPO)
   from configs import common  # pylint: disable=g-import-not-at-top
-  config = common.get_config("smoke")
-  for k, v in overrides.items():
-    node = config
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return config
+  return apply_overrides(common.get_config("smoke"), overrides)
 
 
 def _one_step(model, mesh, batch, rng):
