@@ -19,6 +19,7 @@ _EXPECT = flags.DEFINE_bool("expect_identical", True,
 _ALLOW = flags.DEFINE_bool("allow_mismatch", False, "Report differing pipelines anyway, with a loud warning.")
 _VARY = flags.DEFINE_list("vary", [], "Extra fingerprint fields expected to differ (e.g. optimizer.learning_rate).")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write the PNG plots.")
+_TARGET = flags.DEFINE_float("target_top1", 0.9, "Report the epochs and wall time each run took to reach this test top-1.")
 flags.mark_flags_as_required(["out"])
 
 
@@ -28,7 +29,7 @@ def _main(patterns):
   if not patterns:
     raise UserError("no runs given: pass --runs='runs/families/*' (or run folders as arguments)")
   report_lib.report(patterns, _OUT.value, expect_identical=_EXPECT.value, allow_mismatch=_ALLOW.value,
-                    allowed=_VARY.value, plots=_PLOTS.value,
+                    allowed=_VARY.value, plots=_PLOTS.value, target=_TARGET.value,
                     log=lambda m: print(m, file=sys.stderr if m.startswith("WARNING") else sys.stdout))
   return 0
 

@@ -100,9 +100,41 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
 
 
+def layer_grad_norms(grads) -> Dict[str, jax.Array]:
+  """{'grad_norm/<layer>': L2 norm} per layer of a gradient tree, in network order.
+
+  A layer is a conv or dense module: a subtree whose leaves are arrays ('kernel', 'bias', BatchNorm
+  'scale'/'bias' count with the layer that holds them). Names are the '/'-joined module path, e.g.
+  'conv1', 'block2/mlp1', 'head/fc1'. Flax keeps submodules in definition order, which is network order.
+  """
+  return {"grad_norm/" + name: optax.global_norm(leaves) for name, leaves in layers(grads).items()}
+
+
+def layers(tree) -> Dict[str, Dict[str, Any]]:
+  """{'/'-joined module path: {leaf name: leaf}} for every module of a params-like tree that holds leaves
+  directly, in the tree's order (Flax: definition order)."""
+  out = {}
+
+  def visit(node, path):
+    leaves = {k: v for k, v in node.items() if not hasattr(v, "items")}
+    if leaves:
+      out["/".join(path)] = leaves
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        visit(v, path + (k,))
+
+  visit(tree, ())
+  return out
+
+
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, label_smoothing: float = 0.0,
-               schedule: Callable = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One SGD step on a global batch {'image': [B,H,W,C], 'label': [B]}; returns (state, metrics)."""
+               schedule: Callable = None,
+               log_layer_grad_norms: bool = False) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One SGD step on a global batch {'image': [B,H,W,C], 'label': [B]}; returns (state, metrics).
+
+  With `log_layer_grad_norms`, metrics also hold 'grad_norm/<layer>' for every layer (see
+  layer_grad_norms): the vanishing-gradient diagnostic of the activation ablation.
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   has_bn = state.batch_stats is not None
 
@@ -127,6 +159,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, label_smoothin
       "top5": jnp.mean(_topk_correct(logits, batch["label"], 5)),
       "grad_norm": grad_norm,
   }
+  if log_layer_grad_norms:
+    metrics.update(layer_grad_norms(grads))
   if schedule is not None:
     metrics["lr"] = schedule(state.step)
   return new_state, metrics

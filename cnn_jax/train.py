@@ -185,11 +185,11 @@ def build_model(config, num_classes: int):
   return models.get_model(config.model, num_classes, dtype=_DTYPES[config.dtype], **kwargs)
 
 
-def evaluate(eval_fn, state, config, mesh) -> Dict[str, float]:
-  """Loss, top-1, top-5 over every example of the eval split exactly once (padding masked)."""
+def evaluate(eval_fn, state, config, mesh, split=None) -> Dict[str, float]:
+  """Loss, top-1, top-5 over every example of the eval split (or `split`) exactly once (padding masked)."""
   totals = None
   it = data_lib.create_eval_iter(config, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+                                 process_count=jax.process_count(), split=split)
   for batch in _prefetch_to_mesh(it, mesh):
     sums = eval_fn(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -267,6 +267,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Cheap checks of the model first, so a typo is reported before any data is touched.
   models.check_input_size(config.model, config.image_size, **config.model_kwargs.to_dict())
   info = data_lib.get_dataset_info(config)
+  if config.get("eval_train_split"):  # a bad split name fails here, not at the first eval
+    data_lib.num_eval_batches(config, jax.process_count(), split=config.eval_train_split)
   model = build_model(config, info.num_classes)
 
   # Each process reads its own 1/process_count of the split and drops its last partial batch.
@@ -317,6 +319,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "num_devices": jax.device_count(), "num_processes": jax.process_count(),
       "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
       "fingerprint": fp["hash"], "fingerprint_fields": fp["fields"],
+      "layer_order": list(steps_lib.layers(state.params)),
   }
 
   # --- Compile the steps over the mesh ----------------------------------------------------------
@@ -324,7 +327,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # On the CPU, ops.compiler_options() turns off XLA's YNNPACK convolutions (1.5-2.5x slower per step
   # here, see cnn_jax/ops); elsewhere it is empty.
   step_fn = functools.partial(steps_lib.train_step, label_smoothing=config.optimizer.label_smoothing,
-                              schedule=schedule)
+                              schedule=schedule,
+                              log_layer_grad_norms=bool(config.get("log_grad_norms", False)))
   train_fn = jax.jit(
       step_fn, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
       donate_argnums=(0,), compiler_options=ops.compiler_options())
@@ -363,6 +367,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_log, n_log, train_time = time.time(), 0, 0.0
   step = start_step
   stopped_by = None
+  # Accuracy on (part of) the training split with eval preprocessing (no augmentation, no dropout):
+  # the train side of the train-test gap the overfitting ablations compare.
+  train_eval_split = config.get("eval_train_split") or None
+  last_train_eval = None
 
   def meta_now(step):
     return {**identity, "step": step, "pipeline": {"seed": config.seed, "next_step": step},
@@ -435,6 +443,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if last_eval["top1"] > best["top1"]:
           best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "step": step}
         writer.write("eval", step, {**last_eval, "epoch": step / steps_per_epoch})
+        if train_eval_split:
+          last_train_eval = evaluate(eval_fn, state, config, mesh, split=train_eval_split)
+          writer.write("train_eval", step, {**last_train_eval, "epoch": step / steps_per_epoch})
         t_log += time.time() - t_eval  # eval time is not train time
       if step % config.checkpoint_every_steps == 0 or is_eval or step == total_steps:
         save_checkpoint(step, metrics={"top1": last_eval["top1"]} if is_eval else None)
@@ -459,6 +470,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   if last_eval is None:  # resumed a finished run: evaluate the final state again for the summary
     last_eval = evaluate(eval_fn, state, config, mesh)
+    if train_eval_split:
+      last_train_eval = evaluate(eval_fn, state, config, mesh, split=train_eval_split)
   summary = {
       "model": config.model, "dataset": info.name, "params": n_params,
       "gflops_per_image": fwd_flops / 1e9, "final_top1": last_eval["top1"],
@@ -470,6 +483,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "wall_s": time.time() - t_start, "device_kind": run_info["device_kind"],
       "num_devices": run_info["num_devices"], "fingerprint": fp["hash"],
   }
+  if last_train_eval is not None:
+    summary.update(train_eval_split=train_eval_split, train_eval_top1=last_train_eval["top1"],
+                   train_eval_loss=last_train_eval["loss"],
+                   gap_top1=last_train_eval["top1"] - last_eval["top1"])
   if is_main:
     _write_json(os.path.join(workdir, "summary.json"), summary)
     print(f"\nDone: {config.model} on {info.name}: top-1 {summary['final_top1']:.4f}, "

@@ -83,6 +83,8 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, lear
       brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
       pca_lighting=0.0,           # AlexNet's sigma = 0.1
   ))
+  config.eval_train_split = ""    # e.g. 'train[:10000]': also evaluate that part of the training split
+                                  # (eval preprocessing) at every eval -> train-test gap in summary.json.
   config.eval_crop = "center"     # center | ten_crop
   config.eval_resize_ratio = 1.0  # eval: resize shorter side to ratio * image_size, then centre crop.
 
@@ -113,6 +115,7 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, lear
   config.checkpoint_async = True  # write checkpoints in a background thread while training goes on
   config.init_from = config_dict.placeholder(str)         # another run's workdir or checkpoint: start from its weights.
   config.progress = True          # a live progress line on process 0
+  config.log_grad_norms = False   # also log 'grad_norm/<layer>' for every layer (train records)
 
   # --- Config args --------------------------------------------------------------------------
   if "small" in args or args.get("geometry") == "small":

@@ -72,12 +72,79 @@ def plot_tradeoff(groups: Sequence[Mapping[str, Any]], x_key: str, x_label: str,
   return path
 
 
+def plot_train_vs_test(runs, labels: Mapping[str, str], path: str) -> str:
+  """Top-1 on the training images (eval preprocessing; dashed) and on the test split (solid) per run."""
+  colours = _colours([labels[r.name] for r in runs])
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  for r in runs:
+    if not r.train_evals:
+      continue
+    label = labels[r.name]
+    ax.plot([e.get("epoch", e["step"]) for e in r.evals], [e["top1"] for e in r.evals], "-o", ms=3,
+            color=colours[label], label=f"{label}: test")
+    ax.plot([e.get("epoch", e["step"]) for e in r.train_evals], [e["top1"] for e in r.train_evals], "--",
+            color=colours[label], label=f"{label}: train")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("top-1")
+  ax.set_title("Train (dashed, no augmentation) vs test (solid) top-1: the gap is overfitting")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def grad_norm_layers(run) -> List[str]:
+  """The 'grad_norm/<layer>' keys a run logged, in network order as the model defines its layers."""
+  keys = []
+  for record in run.train:
+    keys.extend(k for k in record if k.startswith("grad_norm/") and k not in keys)
+  order = run.run_info.get("layer_order") or []
+  rank = {f"grad_norm/{name}": i for i, name in enumerate(order)}
+  return sorted(keys, key=lambda k: (rank.get(k, len(rank)), keys.index(k)))
+
+
+def plot_grad_norms(runs, labels: Mapping[str, str], path: str) -> str:
+  """Per-layer gradient norms vs step, one panel per run (log scale), first layer darkest."""
+  runs = [r for r in runs if grad_norm_layers(r)]
+  cols = min(2, len(runs))
+  rows = (len(runs) + cols - 1) // cols
+  fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False, sharey=True)
+  for ax, r in zip(axes.flat, runs):
+    layers = grad_norm_layers(r)
+    cmap = plt.get_cmap("viridis")
+    for i, key in enumerate(layers):
+      points = [(t["step"], t[key]) for t in r.train if key in t and t[key] > 0]
+      if points:
+        ax.plot(*zip(*points), lw=1.1, color=cmap(i / max(1, len(layers) - 1)), label=key[len("grad_norm/"):])
+    ax.set_yscale("log")
+    ax.set_title(labels[r.name], fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2)
+  for ax in axes[:, 0]:
+    ax.set_ylabel("gradient L2 norm per layer")
+  for ax in list(axes.flat)[len(runs):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def write_plots(runs, labels: Mapping[str, str], groups: List[Mapping[str, Any]], out: str) -> Dict[str, str]:
-  """Writes the three PNGs into `out`; returns {plot name: path}."""
-  return {
+  """Writes the PNGs into `out` (train_vs_test and grad_norms only for runs that logged them);
+  returns {plot name: path}."""
+  paths = {
       "top1_vs_epoch": plot_curves(runs, labels, os.path.join(out, "top1_vs_epoch.png")),
       "top1_vs_params": plot_tradeoff(groups, "params", "parameters",
                                       os.path.join(out, "top1_vs_params.png")),
       "top1_vs_flops": plot_tradeoff(groups, "gflops_per_image", "GFLOPs per image (forward)",
                                      os.path.join(out, "top1_vs_flops.png")),
   }
+  if any(r.train_evals for r in runs):
+    paths["train_vs_test"] = plot_train_vs_test(runs, labels, os.path.join(out, "train_vs_test.png"))
+  if any(grad_norm_layers(r) for r in runs):
+    paths["grad_norms"] = plot_grad_norms(runs, labels, os.path.join(out, "grad_norms.png"))
+  return paths

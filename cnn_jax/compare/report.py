@@ -25,9 +25,11 @@ from cnn_jax.errors import UserError
 ALWAYS_ALLOWED = ("seed",)
 TABLE_COLUMNS = (
     "run", "architecture", "model", "seed", "status", "steps", "params", "gflops_per_image",
-    "train_img_per_s", "best_top1", "best_top5", "final_top1", "final_top5", "wall_s", "device",
-    "fingerprint", "workdir",
+    "train_img_per_s", "best_top1", "best_top5", "final_top1", "final_top5", "train_eval_top1", "gap_top1",
+    "epochs_to_target", "wall_to_target_s", "wall_s", "device", "fingerprint", "workdir",
 )
+# report.py --target_top1: the first eval at or above it gives 'epochs_to_target' (how long a net takes to train).
+DEFAULT_TARGET_TOP1 = 0.9
 
 
 @dataclasses.dataclass
@@ -40,6 +42,7 @@ class RunRecord:
   evals: List[Dict[str, Any]]          # metrics.jsonl records with split == 'eval', in step order
   train: List[Dict[str, Any]]          # metrics.jsonl records with split == 'train'
   tb_events: List[str]                 # TensorBoard event files under tb/
+  train_evals: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # split == 'train_eval'
 
   @property
   def finished(self) -> bool:
@@ -104,11 +107,12 @@ def load_run(workdir: str, name: Optional[str] = None) -> RunRecord:
   # A resumed run may log a step twice (work after the last checkpoint is redone): keep the latest.
   evals = {r["step"]: r for r in records if r.get("split") == "eval"}
   train = {r["step"]: r for r in records if r.get("split") == "train"}
+  train_evals = {r["step"]: r for r in records if r.get("split") == "train_eval"}
   tb = sorted(glob.glob(os.path.join(workdir, "tb", "**", "events.out.tfevents*"), recursive=True))
   return RunRecord(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir, run_info=info,
                    summary=_read_json(os.path.join(workdir, "summary.json")),
                    evals=[evals[s] for s in sorted(evals)], train=[train[s] for s in sorted(train)],
-                   tb_events=tb)
+                   tb_events=tb, train_evals=[train_evals[s] for s in sorted(train_evals)])
 
 
 def find_workdirs(patterns: Iterable[str]) -> List[str]:
@@ -226,17 +230,36 @@ def _mean(values: Sequence[float]) -> Optional[float]:
   return sum(values) / len(values) if values else None
 
 
-def row(run: RunRecord, architecture: str) -> Dict[str, Any]:
+def time_to_target(run: RunRecord, target: float) -> Tuple[Optional[float], Optional[float]]:
+  """(epoch, seconds since the first record) of the first eval with top-1 >= target; (None, None) if none.
+
+  Seconds are wall time from the run's first metrics record (so they include evals and input start-up, not
+  compilation), read off the records' timestamps; None for runs resumed in between (gaps would count).
+  """
+  hit = next((e for e in run.evals if e.get("top1", -1) >= target), None)
+  if hit is None:
+    return None, None
+  times = [r["time"] for r in run.train + run.evals if "time" in r and r["step"] <= hit["step"]]
+  return hit.get("epoch"), (hit["time"] - min(times)) if times and "time" in hit else None
+
+
+def row(run: RunRecord, architecture: str, target: float = DEFAULT_TARGET_TOP1) -> Dict[str, Any]:
   """One table row; numbers exactly as summary.json has them (from metrics.jsonl while running)."""
   info, s = run.run_info, run.summary
   device = f"{info.get('num_devices', '?')} x {info.get('device_kind', '?')}"
+  epochs_to, wall_to = time_to_target(run, target)
+  last_train_eval = run.train_evals[-1] if run.train_evals else {}
   common = {"run": run.name, "architecture": architecture, "model": run.model, "seed": run.seed,
-            "fingerprint": info.get("fingerprint"), "workdir": run.workdir, "device": device}
+            "fingerprint": info.get("fingerprint"), "workdir": run.workdir, "device": device,
+            "epochs_to_target": epochs_to, "wall_to_target_s": wall_to,
+            "train_eval_top1": last_train_eval.get("top1")}
   if s is not None:
     return {**common, "status": "done", "steps": s.get("steps"), "params": s.get("params"),
             "gflops_per_image": s.get("gflops_per_image"), "train_img_per_s": s.get("train_img_per_s"),
             "best_top1": s.get("best_top1"), "best_top5": s.get("best_top5"),
-            "final_top1": s.get("final_top1"), "final_top5": s.get("final_top5"), "wall_s": s.get("wall_s")}
+            "final_top1": s.get("final_top1"), "final_top5": s.get("final_top5"), "wall_s": s.get("wall_s"),
+            "train_eval_top1": s.get("train_eval_top1", common["train_eval_top1"]),
+            "gap_top1": s.get("gap_top1")}
   last = run.evals[-1] if run.evals else {}
   best = max(run.evals, key=lambda r: r["top1"]) if run.evals else {}
   step = max([r["step"] for r in run.train + run.evals], default=0)
@@ -247,11 +270,16 @@ def row(run: RunRecord, architecture: str) -> Dict[str, Any]:
           "train_img_per_s": _mean([r.get("img_per_s") for r in run.train]),
           "best_top1": best.get("top1"), "best_top5": best.get("top5"),
           "final_top1": last.get("top1"), "final_top5": last.get("top5"),
-          "wall_s": (max(times) - min(times)) if times else None}
+          "wall_s": (max(times) - min(times)) if times else None,
+          "gap_top1": (last_train_eval["top1"] - last["top1"]) if last_train_eval and last else None}
 
 
 def _std(values: Sequence[float]) -> float:
   return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+GROUP_KEYS = ("params", "gflops_per_image", "train_img_per_s", "best_top1", "best_top5", "final_top1",
+              "final_top5", "train_eval_top1", "gap_top1", "epochs_to_target", "wall_to_target_s", "wall_s")
 
 
 def group_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -266,8 +294,7 @@ def group_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     members = done or members
     g = {"architecture": label + ("" if done else " (running)"), "model": members[0]["model"],
          "runs": len(members), "seeds": [m["seed"] for m in members]}
-    for key in ("params", "gflops_per_image", "train_img_per_s", "best_top1", "best_top5",
-                "final_top1", "final_top5", "wall_s"):
+    for key in GROUP_KEYS:
       values = [m[key] for m in members if m[key] is not None]
       g[key] = _mean(values)
       g[key + "_std"] = _std(values) if values else None
@@ -288,6 +315,8 @@ def _fmt(value, kind: str) -> str:
     return f"{value:.4g}"
   if kind == "rate":
     return f"{value:,.0f}"
+  if kind == "epochs":
+    return f"{value:.1f}"
   if kind == "time":
     return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
   return str(value)
@@ -314,7 +343,8 @@ def tensorboard_root(runs: Sequence[RunRecord]) -> str:
 
 
 def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (),
-                 mismatched: Sequence[str] = (), plots: bool = True) -> Dict[str, str]:
+                 mismatched: Sequence[str] = (), plots: bool = True,
+                 target: float = DEFAULT_TARGET_TOP1) -> Dict[str, str]:
   """Writes <out>/report.md, runs.csv, groups.csv and (with `plots`) the PNGs; returns {kind: path}.
 
   `mismatched`: the unexpected differing fields check_identical returned under --allow_mismatch; they
@@ -324,7 +354,7 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
   diffs = differing_fields(runs)
   studied = [k for k in diffs if _covered(k, tuple(allowed)) and not _covered(k, ALWAYS_ALLOWED)]
   labels = _architecture_labels(runs, studied + list(mismatched))
-  rows = [row(r, labels[r.name]) for r in runs]
+  rows = [row(r, labels[r.name], target) for r in runs]
   groups = group_rows(rows)
   paths = {"markdown": os.path.join(out, "report.md"), "csv": os.path.join(out, "runs.csv"),
            "groups_csv": os.path.join(out, "groups.csv")}
@@ -333,9 +363,7 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
     writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-  group_columns = ["architecture", "model", "runs", "seeds"] + [
-      k + s for k in ("params", "gflops_per_image", "train_img_per_s", "best_top1", "best_top5",
-                      "final_top1", "final_top5", "wall_s") for s in ("", "_std")]
+  group_columns = ["architecture", "model", "runs", "seeds"] + [k + s for k in GROUP_KEYS for s in ("", "_std")]
   with open(paths["groups_csv"], "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=group_columns)
     writer.writeheader()
@@ -344,6 +372,7 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
   if plots:
     from cnn_jax.compare import plots as plots_lib  # pylint: disable=g-import-not-at-top
     paths.update(plots_lib.write_plots(runs, labels, groups, out))
+  has_gap = any(r["train_eval_top1"] is not None for r in rows)
 
   md = [f"# Comparison of {len(runs)} runs", ""]
   if mismatched:
@@ -368,23 +397,39 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
          _md_table(["field", "value"], [[f"`{k}`", f"`{json.dumps(v, default=str)}`"]
                                         for k, v in sorted(shared.items())]), "", "</details>", ""]
 
+  gap_head = ["train top-1", "gap"] if has_gap else []
+  target_head = [f"epochs to ≥{target:g}", f"wall to ≥{target:g}"]
   md += ["## Runs", "", _md_table(
       ["run", "architecture", "status", "params", "GFLOPs/img", "train img/s", "top-1 best",
-       "top-1 final", "top-5 best", "top-5 final", "wall", "device"],
+       "top-1 final", "top-5 best", "top-5 final"] + gap_head + target_head + ["wall", "device"],
       [[r["run"], r["architecture"], r["status"], _fmt(r["params"], "int"),
         _fmt(r["gflops_per_image"], "gflops"), _fmt(r["train_img_per_s"], "rate"),
         _fmt(r["best_top1"], "acc"), _fmt(r["final_top1"], "acc"), _fmt(r["best_top5"], "acc"),
-        _fmt(r["final_top5"], "acc"), _fmt(r["wall_s"], "time"), r["device"]] for r in rows]), ""]
+        _fmt(r["final_top5"], "acc")]
+       + ([_fmt(r["train_eval_top1"], "acc"), _fmt(r["gap_top1"], "acc")] if has_gap else [])
+       + [_fmt(r["epochs_to_target"], "epochs"), _fmt(r["wall_to_target_s"], "time"),
+          _fmt(r["wall_s"], "time"), r["device"]] for r in rows]), ""]
   md += ["## By architecture (mean ± std over seeds)", "", _md_table(
       ["architecture", "runs", "params", "GFLOPs/img", "train img/s", "top-1 best", "top-1 final",
-       "top-5 best", "top-5 final", "wall"],
+       "top-5 best", "top-5 final"] + gap_head + target_head + ["wall"],
       [[g["architecture"], g["runs"], _fmt(g["params"], "int"), _fmt(g["gflops_per_image"], "gflops"),
         _pm(g["train_img_per_s"], g["train_img_per_s_std"], "rate", g["runs"]),
         _pm(g["best_top1"], g["best_top1_std"], "acc", g["runs"]),
         _pm(g["final_top1"], g["final_top1_std"], "acc", g["runs"]),
         _pm(g["best_top5"], g["best_top5_std"], "acc", g["runs"]),
-        _pm(g["final_top5"], g["final_top5_std"], "acc", g["runs"]),
-        _pm(g["wall_s"], g["wall_s_std"], "time", g["runs"])] for g in groups]), ""]
+        _pm(g["final_top5"], g["final_top5_std"], "acc", g["runs"])]
+       + ([_pm(g["train_eval_top1"], g["train_eval_top1_std"], "acc", g["runs"]),
+           _pm(g["gap_top1"], g["gap_top1_std"], "acc", g["runs"])] if has_gap else [])
+       + [_pm(g["epochs_to_target"], g["epochs_to_target_std"], "epochs", g["runs"]),
+          _pm(g["wall_to_target_s"], g["wall_to_target_s_std"], "time", g["runs"]),
+          _pm(g["wall_s"], g["wall_s_std"], "time", g["runs"])] for g in groups]), ""]
+  notes = [f"*epochs/wall to ≥{target:g}*: the first eval whose test top-1 reaches {target:g} (– never); wall "
+           "is from the run's first metrics record (evals included, compilation not)."]
+  if has_gap:
+    notes.append("*train top-1*: top-1 on the run's `eval_train_split` (the images it trains on) with eval "
+                 "preprocessing, no augmentation or dropout; *gap* = train top-1 − test top-1 (final). "
+                 "A larger gap is more overfitting.")
+  md += [" ".join(notes), ""]
   if diffs:
     names = [r.name for r in runs]
     md += ["## What differs between runs", "", _md_table(
@@ -393,6 +438,8 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
   if plots:
     md += ["## Plots", "", "![test top-1 vs epoch](top1_vs_epoch.png)", "",
            "![top-1 vs parameters](top1_vs_params.png)", "", "![top-1 vs FLOPs](top1_vs_flops.png)", ""]
+    md += [f"![{k.replace('_', ' ')}]({os.path.basename(paths[k])})" + "\n"
+           for k in ("train_vs_test", "grad_norms") if k in paths]
   md += ["Files: `runs.csv` (one row per run), `groups.csv` (mean/std per architecture). "
          "Params and GFLOPs/image (forward pass, XLA cost analysis) come from each run's summary.json.", ""]
   with open(paths["markdown"], "w") as f:
@@ -401,7 +448,8 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
 
 
 def report(patterns: Sequence[str], out: str, expect_identical: bool = True, allow_mismatch: bool = False,
-           allowed: Sequence[str] = (), plots: bool = True, log=print) -> Dict[str, str]:
+           allowed: Sequence[str] = (), plots: bool = True, log=print,
+           target: float = DEFAULT_TARGET_TOP1) -> Dict[str, str]:
   """The whole of report.py: load, verify, write. Returns the written paths."""
   runs = load_runs(patterns)
   allowed = tuple(allowed) + sweep_varies(runs)
@@ -411,7 +459,7 @@ def report(patterns: Sequence[str], out: str, expect_identical: bool = True, all
     for field in mismatched:
       log(f"WARNING: runs differ in {field}: {differing_fields(runs)[field]}")
   paths = write_report(runs, out, allowed=allowed if expect_identical else tuple(differing_fields(runs)),
-                       mismatched=mismatched, plots=plots)
+                       mismatched=mismatched, plots=plots, target=target)
   no_tb = [r.name for r in runs if not r.tb_events]
   if no_tb:
     log(f"WARNING: no TensorBoard events in {', '.join(no_tb)}")

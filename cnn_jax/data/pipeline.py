@@ -245,11 +245,11 @@ def create_train_iter(config, *, seed: int, start_step: int = 0, process_index: 
 
 # --- Eval ----------------------------------------------------------------------------------------
 
-def num_eval_batches(config, process_count: int = 1) -> int:
+def num_eval_batches(config, process_count: int = 1, split: Optional[str] = None) -> int:
   """Batches every process yields from create_eval_iter (the same on all processes)."""
   batch_size = local_batch_size(config, "eval_batch_size", process_count)
   source = datasets.get_source(config)
-  _, split = datasets.resolve_splits(config, source)
+  split = split or datasets.resolve_splits(config, source)[1]
   return _num_eval_batches(source, split, batch_size, process_count)
 
 
@@ -258,8 +258,12 @@ def _num_eval_batches(source, split, batch_size, process_count) -> int:
   return math.ceil(source.num_examples(split, 0, process_count) / batch_size)
 
 
-def create_eval_iter(config, *, process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+def create_eval_iter(config, *, process_index: int = 0, process_count: int = 1,
+                     split: Optional[str] = None) -> Iterator[Batch]:
   """Finite iterator over this process's part of the eval split, padded to equal length on all processes.
+
+  `split` evaluates another split (tfds slicing allowed, e.g. 'train[:10000]') with the same eval
+  preprocessing: the un-augmented training accuracy of the overfitting ablations.
 
   Yields {'image': float32 [B_local, S, S, 3] (or [B_local, 10, S, S, 3] with eval_crop='ten_crop':
   average the logits over axis 1), 'label': int32 [B_local], 'mask': bool [B_local]} with
@@ -270,7 +274,8 @@ def create_eval_iter(config, *, process_index: int = 0, process_count: int = 1) 
   batch_size = local_batch_size(config, "eval_batch_size", process_count)
   size = image_size(config)
   source = datasets.get_source(config)
-  train_split, split = datasets.resolve_splits(config, source)
+  train_split, eval_split = datasets.resolve_splits(config, source)
+  split = split or eval_split
   eval_crop = config.get("eval_crop", "center")
   preprocess = eval_preprocess_fn(eval_crop, float(config.get("eval_resize_ratio", 1.0)), size,
                                   source.channels, datasets.mean_std(config, source, train_split))

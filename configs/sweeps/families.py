@@ -18,13 +18,13 @@ Sweep args (after the colon, comma-separated):
 """
 
 from configs import common
+from configs.sweeps import _ablation
 
 DEFAULT_MODELS = ("alexnet", "vgg11", "nin", "lenet")
 
 # Model kwargs that MUST differ per family go here (none do: the small geometry and width apply to all).
 FAMILY_KWARGS = {name: {} for name in DEFAULT_MODELS}
-# Families the sweep's width= does not scale.
-UNSCALED = ("lenet",)
+UNSCALED = _ablation.UNSCALED  # families the sweep's width= does not scale (LeNet)
 
 
 def get_sweep(arg=None):
