@@ -329,3 +329,13 @@ def test_predict_cli(sweep_root, tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert errors == [f"error: {bad}: not a readable image (JPEG, PNG, GIF or BMP expected)"]
   assert "Traceback" not in proc.stderr
+
+
+def test_apply_overrides_leaves_the_callers_config_alone():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  base = common.get_config("small")
+  out = sweep_lib.apply_overrides(base, {"init_from": "/runs/a", "data_dir": "/data", "optimizer.momentum": 0.5})
+  assert (out.init_from, out.data_dir, out.optimizer.momentum) == ("/runs/a", "/data", 0.5)
+  assert (base.init_from, base.data_dir, base.optimizer.momentum) == (None, None, 0.9)
+  with pytest.raises(UserError, match="data_dir"):
+    sweep_lib.apply_overrides(base, {"data_dir": 3})   # placeholder types survive the copy

@@ -11,6 +11,7 @@ partial runs and skips finished ones (a ``summary.json`` whose pipeline fingerpr
   run_sweep(sweep, 'runs/families', only='nin')        # trains the NiN runs one after another
 """
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -148,7 +149,9 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted fields set; unknown fields and wrong types raise UserError."""
-  config = ml_collections.ConfigDict(config)  # deep copy; the caller's config stays as it was
+  # copy.deepcopy, not ConfigDict(config): that copy shares the FieldReferences of placeholder fields
+  # (data_dir, init_from, ...), so setting one there would change the caller's config too.
+  config = copy.deepcopy(config)
   for dotted, value in overrides.items():
     *parents, leaf = dotted.split(".")
     node = config
