@@ -41,6 +41,29 @@ def subset_overrides(train_examples, eval_every_epochs):
   return {"train_split": split, "eval_train_split": split, "eval_every_epochs": float(eval_every_epochs)}
 
 
+def overfitting_runs(args, known, variants, run_name):
+  """The runs of an overfitting sweep (augmentation, dropout): every model x variant on a training subset.
+
+  `variants`: {variant: {dotted field: value}}; `run_name(model, variant, n_models)` names a run. Pops
+  train= (training images, default 10,000), eval_every= (epochs, default 2) and the shared args; the base is
+  the small geometry for 12 epochs, models default to AlexNet at width 0.25.
+  """
+  if "model" in args:
+    args["models"] = args.pop("model")
+  train = args.pop("train", 10_000)
+  eval_every = args.pop("eval_every", 2)
+  names, width, base = pop_common(args, models=("alexnet",), epochs=12, width=0.25)
+  check_no_args_left(args, known)
+  runs = []
+  for name in names:
+    for variant, fields in variants.items():
+      overrides = model_overrides(name, width)
+      overrides.update(subset_overrides(train, eval_every))
+      overrides.update(fields)
+      runs.append((run_name(name, variant, len(names)), overrides))
+  return base, runs
+
+
 def check_no_args_left(args, known):
   if args:
     raise ValueError(f"unknown sweep arg(s) {sorted(args)}; known: {sorted(known)}")

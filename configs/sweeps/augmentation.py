@@ -48,17 +48,6 @@ def get_sweep(arg=None):
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     raise ValueError(f"unknown augmentation variant(s) {unknown}; known: {sorted(VARIANTS)}")
-  if "model" in args:
-    args["models"] = args.pop("model")
-  train = args.pop("train", 10_000)
-  eval_every = args.pop("eval_every", 2)
-  names, width, base = _ablation.pop_common(args, models=("alexnet",), epochs=12, width=0.25)
-  _ablation.check_no_args_left(args, KNOWN)
-  runs = []
-  for name in names:
-    for variant in variants:
-      overrides = _ablation.model_overrides(name, width)
-      overrides.update(_ablation.subset_overrides(train, eval_every))
-      overrides.update({**_OFF, **VARIANTS[variant]})
-      runs.append((f"{name}_{variant}" if len(names) > 1 else variant, overrides))
-  return base, runs
+  return _ablation.overfitting_runs(
+      args, KNOWN, {v: {**_OFF, **VARIANTS[v]} for v in variants},
+      lambda model, variant, n_models: f"{model}_{variant}" if n_models > 1 else variant)

@@ -14,21 +14,12 @@ pre-classifier dropout), width=0.25, epochs=12, train=10000, eval_every=2, lr=, 
 
 from configs.sweeps import _ablation
 
-KNOWN = ("rates", "models", "epochs", "width", "train", "eval_every", "lr", "batch", "dataset", "smoke")
+KNOWN = ("rates", "model", "models", "epochs", "width", "train", "eval_every", "lr", "batch", "dataset", "smoke")
 
 
 def get_sweep(arg=None):
   args = _ablation.common.parse_arg(arg)
   rates = [float(r) for r in str(args.pop("rates", "0.5+0.0")).split("+")]
-  train = args.pop("train", 10_000)
-  eval_every = args.pop("eval_every", 2)
-  names, width, base = _ablation.pop_common(args, models=("alexnet",), epochs=12, width=0.25)
-  _ablation.check_no_args_left(args, KNOWN)
-  runs = []
-  for name in names:
-    for rate in rates:
-      overrides = _ablation.model_overrides(name, width)
-      overrides.update(_ablation.subset_overrides(train, eval_every))
-      overrides["model_kwargs.dropout_rate"] = rate
-      runs.append((f"{name}_dropout{rate:g}", overrides))
-  return base, runs
+  return _ablation.overfitting_runs(
+      args, KNOWN, {f"{rate:g}": {"model_kwargs.dropout_rate": rate} for rate in rates},
+      lambda model, rate, n_models: f"{model}_dropout{rate}")
