@@ -211,6 +211,9 @@ def check_identical(runs: Sequence[RunRecord], allowed: Iterable[str] = (),
 
 # --- Rows and groups ------------------------------------------------------------------------------
 
+MAX_LABEL_DETAIL = 60  # longer lists of differing fields are replaced by the run's name in labels
+
+
 def _architecture_labels(runs: Sequence[RunRecord], extra_fields: Sequence[str]) -> Dict[str, str]:
   """'nin', or 'nin (use_1x1=False)' when a model kwarg (or a studied field) tells runs apart."""
   kw = {r.name: flatten(r.run_info.get("model_kwargs", {})) for r in runs}
@@ -221,7 +224,10 @@ def _architecture_labels(runs: Sequence[RunRecord], extra_fields: Sequence[str])
   for r in runs:
     parts = [f"{k}={kw[r.name].get(k)}" for k in varying]
     parts += [f"{k}={r.fields.get(k)}" for k in extra_fields if not _covered(k, ALWAYS_ALLOWED)]
-    labels[r.name] = r.model + (f" ({', '.join(parts)})" if parts else "")
+    detail = ", ".join(parts)
+    if len(detail) > MAX_LABEL_DETAIL:  # e.g. five augmentation fields: the sweep's run name says it better
+      detail = r.name
+    labels[r.name] = r.model + (f" ({detail})" if detail else "")
   return labels
 
 
