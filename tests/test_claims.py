@@ -249,3 +249,19 @@ def test_time_to_target_reads_first_eval_reaching_it():
   assert report_lib.time_to_target(run, 0.95) == (None, None)
   row = report_lib.row(run, "x", target=0.9)
   assert (row["epochs_to_target"], row["wall_to_target_s"], row["gap_top1"]) == (2.0, 25.0, None)
+
+
+def test_report_labels_use_run_names_when_the_differing_fields_are_many():
+  def run(name, aug):
+    return report_lib.RunRecord(name=name, workdir=f"/x/{name}", run_info={
+        "model": "alexnet", "model_kwargs": {"width": 0.25},
+        "fingerprint_fields": {"augment": aug, "seed": 0}}, summary=None, evals=[], train=[], tb_events=[])
+  off = {"crop": "none", "flip": False, "brightness": 0.0, "contrast": 0.0, "pca_lighting": 0.0}
+  runs = [run("none", off), run("all", {"crop": "pad_random_crop", "flip": True, "brightness": 0.3,
+                                        "contrast": 0.3, "pca_lighting": 0.1})]
+  fields = list(report_lib.differing_fields(runs))
+  assert len(fields) == 5
+  labels = report_lib._architecture_labels(runs, fields)  # pylint: disable=protected-access
+  assert labels == {"none": "alexnet (none)", "all": "alexnet (all)"}
+  short = report_lib._architecture_labels(runs, ["augment.flip"])  # pylint: disable=protected-access
+  assert short == {"none": "alexnet (augment.flip=False)", "all": "alexnet (augment.flip=True)"}
