@@ -103,9 +103,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 def layer_grad_norms(grads) -> Dict[str, jax.Array]:
   """{'grad_norm/<layer>': L2 norm} per layer of a gradient tree, in network order.
 
-  A layer is a conv or dense module: a subtree whose leaves are arrays ('kernel', 'bias', BatchNorm
-  'scale'/'bias' count with the layer that holds them). Names are the '/'-joined module path, e.g.
-  'conv1', 'block2/mlp1', 'head/fc1'. Flax keeps submodules in definition order, which is network order.
+  A layer is a module that holds arrays directly (a conv or dense layer: 'kernel', 'bias'; a BatchNorm: 'scale',
+  'bias'). Names are the '/'-joined module path, e.g. 'conv1', 'block2/mlp1', 'head/fc1', 'block1_bn1'. Flax
+  keeps submodules in definition order, which is network order (jitted metrics come back key-sorted; train.py
+  records the order in run_info.json as 'layer_order').
   """
   return {"grad_norm/" + name: optax.global_norm(leaves) for name, leaves in layers(grads).items()}
 

@@ -16,7 +16,6 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cnn_jax import models
 from cnn_jax import perf
@@ -33,10 +32,6 @@ def _param_shapes(name: str, num_classes: int, image_size: int, **kwargs) -> Dic
   return variables["params"]
 
 
-def _count(tree) -> int:
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
 # --- Claim 4: parameters --------------------------------------------------------------------------
 
 def param_counts(names: Sequence[str] = ("alexnet", "vgg11", "nin", "lenet"),
@@ -47,7 +42,7 @@ def param_counts(names: Sequence[str] = ("alexnet", "vgg11", "nin", "lenet"),
     size = models.native_resolution(name)
     for n in num_classes:
       rows.append({"model": name, "image_size": size, "num_classes": n,
-                   "params": _count(_param_shapes(name, n, size))})
+                   "params": summary.count_params(_param_shapes(name, n, size))})
   return rows
 
 
@@ -81,7 +76,7 @@ def one_by_one(size: int = 32, c_in: int = 256, c_mid: int = 64, c_out: int = 25
   out_shape = jax.eval_shape(
       lambda: reduce_only.apply(reduce_only.init(jax.random.key(0), jnp.zeros(shape)), jnp.zeros(shape))).shape
   direct = _forward_flops(_Block(c_mid=0, c_out=c_out, k=k), shape)
-  reduce = _forward_flops(nn.Conv(c_mid, (1, 1)), shape)
+  reduce = _forward_flops(reduce_only, shape)
   following_reduced = _forward_flops(_Block(c_mid=0, c_out=c_out, k=k), (1, size, size, c_mid))
   with_1x1 = _forward_flops(_Block(c_mid=c_mid, c_out=c_out, k=k), shape)
   return {"size": size, "c_in": c_in, "c_mid": c_mid, "c_out": c_out, "k": k,
@@ -102,11 +97,11 @@ def fc_memory(name: str = "alexnet", num_classes: int = 1000) -> Dict[str, Any]:
   head = params["head"]
   layers = []
   for layer, leaves in head.items():
-    n = _count(leaves)
+    n = summary.count_params(leaves)
     layers.append({"layer": f"head/{layer}", "kernel": tuple(leaves["kernel"].shape), "params": n,
                    **{f"bytes_{d}": n * b for d, b in BYTES.items()}})
   hidden = sum(l["params"] for l in layers if l["layer"] != "head/logits")
-  total = _count(params)
+  total = summary.count_params(params)
   return {"model": name, "num_classes": num_classes, "layers": layers, "hidden_fc_params": hidden,
           "hidden_fc_bytes_float32": hidden * 4, "hidden_fc_bytes_bfloat16": hidden * 2,
           "hidden_fc_fraction": hidden / total, "total_params": total,

@@ -240,7 +240,7 @@ def time_to_target(run: RunRecord, target: float) -> Tuple[Optional[float], Opti
   """(epoch, seconds since the first record) of the first eval with top-1 >= target; (None, None) if none.
 
   Seconds are wall time from the run's first metrics record (so they include evals and input start-up, not
-  compilation), read off the records' timestamps; None for runs resumed in between (gaps would count).
+  compilation), read off the records' timestamps; for a run resumed before the hit they include the pause.
   """
   hit = next((e for e in run.evals if e.get("top1", -1) >= target), None)
   if hit is None:

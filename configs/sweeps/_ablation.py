@@ -67,6 +67,3 @@ def overfitting_runs(args, known, variants, run_name):
 def check_no_args_left(args, known):
   if args:
     raise ValueError(f"unknown sweep arg(s) {sorted(args)}; known: {sorted(known)}")
-
-
-__all__ = ["common", "UNSCALED", "pop_common", "model_overrides", "subset_overrides"]
