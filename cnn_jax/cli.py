@@ -1,6 +1,6 @@
 """Process start-up shared by the command-line entry points.
 
-`setup_runtime` hides GPUs from TensorFlow, sets the (fake) CPU device count and joins the multi-process
+`setup_runtime` sets the (fake) CPU device count and joins the multi-process
 runtime (jax.distributed) when asked; `run(fn, ...)` turns a `UserError` into one line on stderr and exit
 status 2 (NaN/Inf: status 3; Ctrl-C during set-up: 130), with no traceback.
 
@@ -72,8 +72,8 @@ def setup_runtime(coordinator_address=None, num_processes=None, process_id=None,
     kwargs = dict(coordinator_address=coordinator_address, num_processes=int(num_processes),
                   process_id=int(process_id))
 
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")  # tf.data only; never competes with JAX for the GPU
+  # TensorFlow is not imported here: the host pipeline imports it (GPUs hidden, cnn_jax/data/tf_runtime.py)
+  # only when it runs, and a device-input run never does.
   import jax  # pylint: disable=g-import-not-at-top
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", int(cpu_devices))

@@ -13,7 +13,7 @@ from typing import Any, Dict
 FINGERPRINT_FIELDS = (
     "dataset", "train_split", "eval_split", "image_size", "batch_size", "eval_batch_size",
     "shuffle_buffer", "augment", "normalize", "eval_crop", "eval_resize_ratio",
-    "optimizer", "schedule", "num_epochs", "num_train_steps", "seed", "dtype",
+    "optimizer", "schedule", "num_epochs", "num_train_steps", "seed", "dtype", "input",
 )
 
 

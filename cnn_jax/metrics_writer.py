@@ -14,6 +14,57 @@ def _to_builtin(x):
     return x
 
 
+class TensorBoardWriter:
+  """Scalar summaries in TensorBoard event files, written with the `tensorboard` package alone (flax's
+  writer imports TensorFlow, which a device-input run never loads)."""
+
+  def __init__(self, logdir: str):
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
+    os.makedirs(logdir, exist_ok=True)
+    self._logdir = logdir
+    self._writer = EventFileWriter(logdir)
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def rewind_tensorboard(logdir: str, step: int) -> int:
+  """Drops the events after `step` from every event file in `logdir` (rewriting the files that have
+  any), so a resumed run's TensorBoard shows each step once. Returns the number of events dropped."""
+  if not os.path.isdir(logdir):
+    return 0
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
+  dropped = 0
+  for name in sorted(os.listdir(logdir)):
+    if "tfevents" not in name or name.endswith(".tmp"):
+      continue
+    path = os.path.join(logdir, name)
+    try:
+      events = list(event_file_loader.EventFileLoader(path).Load())
+    except Exception:  # pylint: disable=broad-except  (a file torn by kill -9 keeps what reads)
+      events = []
+    kept = [e for e in events if not e.HasField("summary") or e.step <= step]
+    if len(kept) == len(events):
+      continue
+    dropped += len(events) - len(kept)
+    with open(path + ".tmp", "wb") as f:
+      writer = RecordWriter(f)
+      for event in kept:
+        writer.write(event.SerializeToString())
+      writer.flush()
+    os.replace(path + ".tmp", path)
+  return dropped
+
+
 class MetricsWriter:
   """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tb`); no-op if not enabled."""
 
@@ -24,8 +75,7 @@ class MetricsWriter:
       return
     self._path = os.path.join(workdir, "metrics.jsonl")
     if tensorboard:
-      from flax.metrics import tensorboard as flax_tb  # pylint: disable=g-import-not-at-top
-      self._tb = flax_tb.SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = TensorBoardWriter(os.path.join(workdir, "tb"))
 
   def write(self, split: str, step: int, values: Dict[str, Any]) -> None:
     """One record {"split", "step", **values}; scalars also go to TensorBoard as `split/name`."""

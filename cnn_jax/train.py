@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from cnn_jax import checkpoint as ckpt_lib
-from cnn_jax import data as data_lib
+from cnn_jax.data import inputs as inputs_lib
 from cnn_jax import models
 from cnn_jax.models import summary as model_summary
 from cnn_jax import ops
@@ -118,16 +118,6 @@ class _WorkdirLock:
       self._file = None
 
 
-def _prefetch_to_mesh(it: Iterator[Dict[str, np.ndarray]], mesh, size: int = 2):
-  """Keeps `size` global batches already transferred (device_put is asynchronous) ahead of the step."""
-  queue = []
-  for local in it:
-    queue.append(shd.make_global_batch(local, mesh))
-    if len(queue) > size:
-      yield queue.pop(0)
-  yield from queue
-
-
 def _identity(config, num_classes: int) -> Dict[str, Any]:
   return {"model": config.model, "num_classes": num_classes,
           "model_kwargs": config.model_kwargs.to_dict(), "image_size": config.image_size}
@@ -183,20 +173,6 @@ def build_model(config, num_classes: int):
     raise UserError(f"--config.dtype={config.dtype!r} is not one of {sorted(_DTYPES)}")
   kwargs = dict(config.model_kwargs.to_dict())
   return models.get_model(config.model, num_classes, dtype=_DTYPES[config.dtype], **kwargs)
-
-
-def evaluate(eval_fn, state, config, mesh, split=None) -> Dict[str, float]:
-  """Loss, top-1, top-5 over every example of the eval split (or `split`) exactly once (padding masked)."""
-  totals = None
-  it = data_lib.create_eval_iter(config, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), split=split)
-  for batch in _prefetch_to_mesh(it, mesh):
-    sums = eval_fn(state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = float(totals["count"])
-  return {"loss": float(totals["loss"]) / count, "top1": float(totals["top1"]) / count,
-          "top5": float(totals["top5"]) / count, "count": int(count)}
 
 
 def _rewind_metrics(workdir: str, step: int) -> None:
@@ -266,17 +242,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   shd.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   # Cheap checks of the model first, so a typo is reported before any data is touched.
   models.check_input_size(config.model, config.image_size, **config.model_kwargs.to_dict())
-  info = data_lib.get_dataset_info(config)
-  if config.get("eval_train_split"):  # a bad split name fails here, not at the first eval
-    data_lib.num_eval_batches(config, jax.process_count(), split=config.eval_train_split)
+  # The input mode (config.input): tf.data on the host, or the split resident on the devices.
+  # On the CPU, ops.compiler_options() turns off XLA's YNNPACK convolutions (1.5-2.5x slower per step
+  # here, see cnn_jax/ops); elsewhere it is empty.
+  announce = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+  inp = inputs_lib.create(config, mesh, announce=announce, compiler_options=ops.compiler_options())
+  config.input = inp.mode  # 'auto' resolved: the fingerprint records the mode that ran
+  info = inp.info
   model = build_model(config, info.num_classes)
 
   # Each process reads its own 1/process_count of the split and drops its last partial batch.
-  n_proc = jax.process_count()
-  steps_per_epoch = (info.num_train // n_proc) // (config.batch_size // n_proc)
-  if steps_per_epoch == 0:
-    raise UserError(f"the train split has {info.num_train} examples, fewer than one batch of "
-                    f"{config.batch_size}; lower --config.batch_size")
+  steps_per_epoch = inp.steps_per_epoch
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else max(1, int(config.num_epochs * steps_per_epoch)))
   schedule = steps_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
@@ -311,7 +287,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = ckpt_lib.init_from(state, config.init_from)
 
   run_info = {
-      "model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "dataset": info.name,
+      "input": inp.mode, "model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "dataset": info.name,
       "num_classes": info.num_classes, "class_names": list(info.class_names or []),
       "num_train": info.num_train, "num_eval": info.num_eval,
       "params": n_params, "image_size": config.image_size, "dtype": config.dtype,
@@ -323,26 +299,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   }
 
   # --- Compile the steps over the mesh ----------------------------------------------------------
-  batch_sharding = shd.batch_sharded(mesh)
-  # On the CPU, ops.compiler_options() turns off XLA's YNNPACK convolutions (1.5-2.5x slower per step
-  # here, see cnn_jax/ops); elsewhere it is empty.
   step_fn = functools.partial(steps_lib.train_step, label_smoothing=config.optimizer.label_smoothing,
                               schedule=schedule,
                               log_layer_grad_norms=bool(config.get("log_grad_norms", False)))
-  train_fn = jax.jit(
-      step_fn, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=(0,), compiler_options=ops.compiler_options())
-  eval_fn = jax.jit(steps_lib.eval_step, in_shardings=(replicated, batch_sharding),
-                    out_shardings=replicated, compiler_options=ops.compiler_options())
-
-  train_iter = _prefetch_to_mesh(data_lib.create_train_iter(
-      config, seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count()), mesh)
-
-  first_batch = next(train_iter)
-  lowered = train_fn.lower(state, first_batch)
-  compiled = lowered.compile()
-  step_flops = perf.step_flops(compiled, jax.device_count(), jax.jit(step_fn), state, first_batch)
+  train_step = inp.train_step(step_fn, state, start_step)
+  # FLOPs of the network's step (on accelerators counted on the host CPU: cuDNN convs count 0 there).
+  step_flops = perf.step_flops(train_step.compiled, jax.device_count(), jax.jit(step_fn), state,
+                               train_step.batch_spec)
   shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   fwd_flops = model_summary.flops_per_example(model, shapes({"params": state.params, **(
       {"batch_stats": state.batch_stats} if state.batch_stats is not None else {})}), config.image_size)
@@ -354,6 +317,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f"{config.model}: {n_params:,} params, {fwd_flops / 1e9:.3f} GFLOPs/image (forward), "
           f"{info.name} {info.num_train:,} train / {info.num_eval:,} eval, "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}, {total_steps} steps", flush=True)
+    print(f"Input: {inp.describe()}.", flush=True)
   writer = MetricsWriter(workdir, enabled=is_main)
 
   # --- The loop ---------------------------------------------------------------------------------
@@ -422,15 +386,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   stop.loop_started = True
   try:
-    batch = first_batch
     while step < total_steps:
       stopped_by = stop.should_stop(step, config.log_every_steps)
       if stopped_by:
         break
-      if batch is None:
-        batch = next(train_iter)
-      state, metrics = compiled(state, batch)
-      batch = None
+      state, metrics = train_step(state, step)
       step += 1
       pending.append((step, metrics))
       if step % config.log_every_steps == 0 or step == total_steps:
@@ -439,12 +399,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if is_eval:
         flush_metrics(step)
         t_eval = time.time()
-        last_eval = evaluate(eval_fn, state, config, mesh)
+        last_eval = inp.evaluate(steps_lib.eval_step, state)
         if last_eval["top1"] > best["top1"]:
           best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "step": step}
         writer.write("eval", step, {**last_eval, "epoch": step / steps_per_epoch})
         if train_eval_split:
-          last_train_eval = evaluate(eval_fn, state, config, mesh, split=train_eval_split)
+          last_train_eval = inp.evaluate(steps_lib.eval_step, state, split=train_eval_split)
           writer.write("train_eval", step, {**last_train_eval, "epoch": step / steps_per_epoch})
         t_log += time.time() - t_eval  # eval time is not train time
       if step % config.checkpoint_every_steps == 0 or is_eval or step == total_steps:
@@ -469,9 +429,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {"stopped": stopped_by, "step": step}
 
   if last_eval is None:  # resumed a finished run: evaluate the final state again for the summary
-    last_eval = evaluate(eval_fn, state, config, mesh)
+    last_eval = inp.evaluate(steps_lib.eval_step, state)
     if train_eval_split:
-      last_train_eval = evaluate(eval_fn, state, config, mesh, split=train_eval_split)
+      last_train_eval = inp.evaluate(steps_lib.eval_step, state, split=train_eval_split)
   summary = {
       "model": config.model, "dataset": info.name, "params": n_params,
       "gflops_per_image": fwd_flops / 1e9, "final_top1": last_eval["top1"],

@@ -73,6 +73,13 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, lear
   config.shuffle_buffer = 16_384
   config.cache = True           # keep decoded small datasets in memory.
   config.cache_dir = config_dict.placeholder(str)       # where dataset statistics (PCA lighting) are cached; None = workdir.
+  # Input mode: 'device' keeps the decoded uint8 split on the accelerators and augments inside the jitted
+  # step (no TensorFlow at run time once the array cache exists); 'host' is the tf.data pipeline;
+  # 'auto' = device when the resident splits fit input_memory_share of one device's memory.
+  config.input = "auto"
+  config.input_memory_share = 0.25
+  config.array_cache_dir = config_dict.placeholder(str)  # None = beside the tfds data (folders: ~/.cache/cnn_jax)
+  config.array_cache_res = 0    # side of cached images of varying size; 0 = round(image_size * 256 / 224)
   config.augment = ml_collections.ConfigDict(dict(
       crop="resize_random_crop",  # random_resized | resize_random_crop | pad_random_crop | none
       resize_ratio=256 / 224,     # resize_random_crop: shorter side = ratio * image_size (AlexNet: 256 -> 224).

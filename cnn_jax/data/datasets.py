@@ -14,63 +14,22 @@ its slice, and so that an empty class folder or a file that is not an image is n
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import numpy as np
-import tensorflow as tf
+from cnn_jax.data.tf_runtime import tf
 import tensorflow_datasets as tfds
 
-from cnn_jax.data import augment
+from cnn_jax.data import info as info_lib
+from cnn_jax.data import stats as stats_lib
+from cnn_jax.data.info import FOLDER_PREFIX, DatasetInfo  # pylint: disable=unused-import
+from cnn_jax.data.stats import IMAGENET_MEAN_STD, RgbStatistics  # pylint: disable=unused-import
 from cnn_jax.errors import UserError
 
-FOLDER_PREFIX = "folder:"
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # as tfds.ImageFolder
-
-# Datasets whose evaluation split is not called 'test' (config.eval_split = 'auto').
-_EVAL_SPLITS = {"imagenet2012": "validation", "imagenette": "validation", "imagewang": "validation",
-                "imagenet_resized": "validation", "imagenet_v2": "test"}
-
-# Per-channel mean / std of the training pixels in [0, 1] units (config.normalize = 'auto').
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_MEAN_STD = {
-    "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
-    "mnist": ((0.1307,) * 3, (0.3081,) * 3),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-# Subsets of ImageNet share its published PCA lighting constants.
-_IMAGENET_LIKE = ("imagenet2012", "imagenette", "imagewang", "imagenet_resized")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the loop needs to know about a dataset.
-
-  name: config.dataset; num_train / num_eval: examples in the train / eval split (all processes);
-  class_names: label index -> name; image_shape: raw (H, W, C) with None for sizes that vary.
-  """
-  name: str
-  num_classes: int
-  num_train: int
-  num_eval: int
-  class_names: Tuple[str, ...]
-  image_shape: Tuple[Optional[int], Optional[int], Optional[int]]
-
-
-@dataclasses.dataclass(frozen=True)
-class RgbStatistics:
-  """Pixel statistics of a training split in [0, 1] units: mean [3], std [3], and the eigen decomposition
-  of the 3x3 RGB covariance (eigvals [3] descending, >= 0; eigvecs [3, 3] with eigvecs[:, i] the i-th)."""
-  mean: Tuple[float, float, float]
-  std: Tuple[float, float, float]
-  eigvals: Tuple[float, float, float]
-  eigvecs: Tuple[Tuple[float, float, float], ...]
-  num_images: int
 
 
 class Source:
@@ -396,16 +355,7 @@ def get_source(config) -> Source:
 
 def resolve_splits(config, source: Source) -> Tuple[str, str]:
   """(train_split, eval_split); 'auto' eval -> 'test', or 'validation' for ImageNet-like datasets."""
-  train_split = config.get("train_split", "train") or "train"
-  if train_split == "auto":
-    train_split = "train"
-  eval_split = config.get("eval_split", "auto") or "auto"
-  if eval_split == "auto":
-    if isinstance(source, FolderSource):
-      eval_split = next((s for s in ("test", "val", "validation") if s in source.splits), "test")
-    else:
-      eval_split = _EVAL_SPLITS.get(source.name.split("/")[0].split(":")[0], "test")
-  return train_split, eval_split
+  return info_lib.resolve_splits(config, source.splits if isinstance(source, FolderSource) else None)
 
 
 def get_dataset_info(config) -> DatasetInfo:
@@ -416,102 +366,36 @@ def get_dataset_info(config) -> DatasetInfo:
 
 def base_name(source: Source) -> str:
   """'imagenette/320px-v2' -> 'imagenette'; folders -> 'folder'."""
-  if isinstance(source, FolderSource):
-    return "folder"
-  return source.name.split("/")[0].split(":")[0]
-
-
-def _stats_cache_path(cache_dir: str, source: Source, split: str, max_images: int) -> str:
-  key = hashlib.sha256(f"{source.name}|{split}|{max_images}".encode()).hexdigest()[:12]
-  return os.path.join(cache_dir, f"rgb_stats_{base_name(source)}_{key}.json")
-
-
-_STATS_MEMO: Dict[Tuple[str, str, int], RgbStatistics] = {}
+  return info_lib.base_name_of(source.name)
 
 
 def rgb_statistics(source: Source, split: str, cache_dir: Optional[str] = None,
-                   max_images: int = 2000, pixels_per_image: int = 1024) -> RgbStatistics:
+                   max_images: int = stats_lib.MAX_IMAGES,
+                   pixels_per_image: int = stats_lib.PIXELS_PER_IMAGE) -> RgbStatistics:
   """Mean, std and RGB covariance eigen decomposition of (a sample of) `split`, in [0, 1] units.
 
   Uses the first `max_images` images in the split's fixed order and up to `pixels_per_image` pixels of
-  each on a regular grid. Cached as JSON in `cache_dir` (if given) and in memory. Grayscale data give a
-  rank-1 covariance: eigvals (l, 0, 0) with the first eigenvector along (1, 1, 1)/sqrt(3).
+  each on a regular grid (stats.sample_pixels). Cached as JSON in `cache_dir` (if given) and in memory.
+  Grayscale data give a rank-1 covariance: eigvals (l, 0, 0) with the first eigenvector along (1, 1, 1)/sqrt(3).
   """
-  memo_key = (source.name, split, max_images)
-  if memo_key in _STATS_MEMO:
-    return _STATS_MEMO[memo_key]
-  path = _stats_cache_path(cache_dir, source, split, max_images) if cache_dir else None
-  if path and tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      d = json.load(f)
-    stats = RgbStatistics(tuple(d["mean"]), tuple(d["std"]), tuple(d["eigvals"]),
-                          tuple(tuple(r) for r in d["eigvecs"]), d["num_images"])
-    _STATS_MEMO[memo_key] = stats
-    return stats
+  def compute():
+    def decode_rgb(example):
+      return tf.io.decode_image(example["image"], channels=3, expand_animations=False)
 
-  def sample_pixels(example):
-    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
-    pixels = tf.reshape(image, [-1, 3])
-    stride = tf.maximum(tf.shape(pixels)[0] // pixels_per_image, 1)
-    return tf.cast(pixels[::stride], tf.float64) / 255.0
+    ds = source.read(split).take(max_images).map(decode_rgb, num_parallel_calls=tf.data.AUTOTUNE)
+    pixels = (stats_lib.sample_pixels(image, pixels_per_image) for image in ds.as_numpy_iterator())
+    return stats_lib.accumulate(pixels, f"split {split!r} of {source.name}")
 
-  ds = source.read(split).take(max_images).map(sample_pixels, num_parallel_calls=tf.data.AUTOTUNE)
-  total, outer, count, num_images = np.zeros(3), np.zeros((3, 3)), 0, 0
-  for pixels in ds.as_numpy_iterator():
-    total += pixels.sum(0)
-    outer += pixels.T @ pixels
-    count += len(pixels)
-    num_images += 1
-  if not count:
-    raise UserError(f"split {split!r} of {source.name} is empty; cannot compute its colour statistics")
-  mean = total / count
-  cov = outer / count - np.outer(mean, mean)
-  eigvals, eigvecs = np.linalg.eigh(cov)
-  order = np.argsort(eigvals)[::-1]
-  eigvals = np.clip(eigvals[order], 0.0, None)  # rank-deficient (grayscale) -> tiny negatives
-  eigvecs = eigvecs[:, order]
-  eigvecs = eigvecs * np.where(eigvecs.sum(0) < 0, -1.0, 1.0)  # a fixed sign, whatever LAPACK returns
-  stats = RgbStatistics(tuple(map(float, mean)), tuple(map(float, np.sqrt(np.clip(np.diag(cov), 0, None)))),
-                        tuple(map(float, eigvals)), tuple(tuple(map(float, r)) for r in eigvecs), num_images)
-  if path:
-    tf.io.gfile.makedirs(cache_dir)
-    tmp = f"{path}.tmp{os.getpid()}"  # processes sharing cache_dir each write their own, then rename
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      json.dump(dataclasses.asdict(stats), f, indent=1)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-  _STATS_MEMO[memo_key] = stats
-  return stats
+  return stats_lib.cached(source.name, base_name(source), split, cache_dir, compute, max_images)
 
 
 def lighting_eigen(source: Source, split: str, cache_dir: Optional[str]) -> Tuple[np.ndarray, np.ndarray]:
   """(eigvals [3], eigvecs [3, 3]) for PCA lighting: ImageNet's published values for ImageNet and its
   subsets, else computed from the training split (see rgb_statistics)."""
-  if base_name(source) in _IMAGENET_LIKE:
-    return augment.IMAGENET_EIGVALS, augment.IMAGENET_EIGVECS
-  stats = rgb_statistics(source, split, cache_dir)
-  return np.array(stats.eigvals, np.float32), np.array(stats.eigvecs, np.float32)
+  return stats_lib.lighting_eigen(base_name(source), lambda: rgb_statistics(source, split, cache_dir))
 
 
 def mean_std(config, source: Source, split: str) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
-  """Normalisation constants of `config.normalize`, or None for no normalisation.
-
-  'auto' (default): known per-dataset values, else ImageNet's; 'imagenet'; 'dataset' (computed from the
-  train split, cached like the PCA statistics); 'none'; or {'mean': [...], 'std': [...]} in [0, 1] units.
-  """
-  spec = config.get("normalize", "auto")
-  if spec is None or spec == "none":
-    return None
-  if spec == "auto":
-    return _MEAN_STD.get(base_name(source), IMAGENET_MEAN_STD)
-  if spec == "imagenet":
-    return IMAGENET_MEAN_STD
-  if spec == "dataset":
-    stats = rgb_statistics(source, split, config.get("cache_dir"))
-    return stats.mean, stats.std
-  if hasattr(spec, "get") and spec.get("mean") is not None and spec.get("std") is not None:
-    mean, std = tuple(float(v) for v in spec.get("mean")), tuple(float(v) for v in spec.get("std"))
-    if len(mean) not in (1, 3) or len(std) != len(mean) or min(std) <= 0:
-      raise UserError(f"--config.normalize needs mean and std of 1 or 3 values with std > 0, got {spec}")
-    return mean, std
-  raise UserError(f"--config.normalize={spec!r} must be 'auto', 'imagenet', 'dataset', 'none' or "
-                  f"{{'mean': [...], 'std': [...]}}")
+  """Normalisation constants of `config.normalize` (see stats.mean_std), or None for none."""
+  return stats_lib.mean_std(config.get("normalize", "auto"), base_name(source),
+                            lambda: rgb_statistics(source, split, config.get("cache_dir")))

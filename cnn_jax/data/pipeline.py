@@ -20,7 +20,7 @@ import os
 from typing import Dict, Iterator, Optional
 
 import numpy as np
-import tensorflow as tf
+from cnn_jax.data.tf_runtime import tf
 
 from cnn_jax.data import augment
 from cnn_jax.data import datasets

@@ -1,0 +1,48 @@
+"""What the training loop needs to know about a dataset (TensorFlow-free: shared by both input modes)."""
+
+import dataclasses
+from typing import Optional, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the loop needs to know about a dataset.
+
+  name: config.dataset; num_train / num_eval: examples in the train / eval split (all processes);
+  class_names: label index -> name; image_shape: raw (H, W, C) with None for sizes that vary.
+  """
+  name: str
+  num_classes: int
+  num_train: int
+  num_eval: int
+  class_names: Tuple[str, ...]
+  image_shape: Tuple[Optional[int], Optional[int], Optional[int]]
+
+
+FOLDER_PREFIX = "folder:"
+
+# Datasets whose evaluation split is not called 'test' (config.eval_split = 'auto').
+EVAL_SPLITS = {"imagenet2012": "validation", "imagenette": "validation", "imagewang": "validation",
+               "imagenet_resized": "validation", "imagenet_v2": "test"}
+
+
+def base_name_of(dataset: str) -> str:
+  """'imagenette/320px-v2' -> 'imagenette'; 'folder:/x' -> 'folder'."""
+  if dataset.startswith(FOLDER_PREFIX):
+    return "folder"
+  return dataset.split("/")[0].split(":")[0]
+
+
+def resolve_splits(config, folder_splits=None) -> Tuple[str, str]:
+  """(train_split, eval_split) of a config; eval 'auto' -> 'test', 'validation' for ImageNet-like tfds
+  datasets, or for image folders (`folder_splits`: their split folder names) test/val/validation."""
+  train_split = config.get("train_split", "train") or "train"
+  if train_split == "auto":
+    train_split = "train"
+  eval_split = config.get("eval_split", "auto") or "auto"
+  if eval_split == "auto":
+    if folder_splits is not None:
+      eval_split = next((s for s in ("test", "val", "validation") if s in folder_splits), "test")
+    else:
+      eval_split = EVAL_SPLITS.get(base_name_of(str(config.get("dataset"))), "test")
+  return train_split, eval_split
