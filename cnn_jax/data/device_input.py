@@ -178,6 +178,7 @@ class DeviceInput(inputs.Input):
     self._plan = the_plan
     self._compiler_options = compiler_options
     self._eval_fns = {}
+    self._batch_jit = None
     n_proc, n_dev = jax.process_count(), mesh.devices.size
     self._batch = int(config.batch_size)
     self._eval_batch = int(config.eval_batch_size)
@@ -266,33 +267,54 @@ class DeviceInput(inputs.Input):
     data = P(shd.DATA_AXIS)
     return jax.shard_map(local, mesh=self._mesh, in_specs=(data, data, data, P()), out_specs=(data, data))
 
-  def train_step(self, step_fn, state, start_step):
-    del start_step  # the batches are a function of the step number itself
+  def _batch_fn(self) -> Callable:
+    """fn(images, labels, perm, step) -> (image [B, S, S, 3] in the compute dtype, label [B]): the
+    augmented global batch of train step `step` (traceable; `step` may be a traced int32)."""
     settings, size, eigen, mean_std, dtype = (self._settings, self._size, self._eigen, self._mean_std,
                                               self._dtype)
-    augment = lambda images, keys: augment_jax.train_batch(images, keys, settings, size, eigen, mean_std, dtype)
-    gather = self._gather(augment)
+    gather = self._gather(
+        lambda images, keys: augment_jax.train_batch(images, keys, settings, size, eigen, mean_std, dtype))
     steps_per_epoch = self.steps_per_epoch
     augment_key = jax.random.fold_in(jax.random.PRNGKey(int(self._config.seed)), 0x617567)  # "aug"
 
+    def batch(images, labels, perm, step):
+      return gather(images, labels, perm[step % steps_per_epoch], jax.random.fold_in(augment_key, step))
+
+    return batch
+
+  def _shardings(self):
+    data = NamedSharding(self._mesh, P(shd.DATA_AXIS))
+    return data, NamedSharding(self._mesh, P(None, shd.DATA_AXIS))
+
+  def batch(self, step: int) -> Dict[str, jax.Array]:
+    """The augmented global batch train step `step` sees, {'image', 'label'} (for tests and pictures)."""
+    train = self._resident[self._plan.splits["train"]]
+    if self._batch_jit is None:
+      data, perm_sharding = self._shardings()
+      self._batch_jit = jax.jit(self._batch_fn(), in_shardings=(data, data, perm_sharding, None),
+                                out_shardings=(data, data), compiler_options=self._compiler_options)
+    images, labels = self._batch_jit(train.images, train.labels, self._permutation(step // self.steps_per_epoch),
+                        jnp.int32(step))
+    return {"image": images, "label": labels}
+
+  def train_step(self, step_fn, state, start_step):
+    del start_step  # the batches are a function of the step number itself
+    make_batch = self._batch_fn()
+
     def device_step(state, images, labels, perm):
-      step = state.step
-      idx = perm[step % steps_per_epoch]
-      batch_images, batch_labels = gather(images, labels, idx, jax.random.fold_in(augment_key, step))
+      batch_images, batch_labels = make_batch(images, labels, perm, state.step)
       return step_fn(state, {"image": batch_images, "label": batch_labels})
 
+    data, perm_sharding = self._shardings()
     replicated = shd.replicated(self._mesh)
-    data = NamedSharding(self._mesh, P(shd.DATA_AXIS))
-    perm_sharding = NamedSharding(self._mesh, P(None, shd.DATA_AXIS))
     jitted = jax.jit(device_step, in_shardings=(replicated, data, data, perm_sharding),
                      out_shardings=(replicated, replicated), donate_argnums=(0,),
                      compiler_options=self._compiler_options)
     train = self._resident[self._plan.splits["train"]]
-    perm0 = self._permutation(0)
-    compiled = jitted.lower(state, train.images, train.labels, perm0).compile()
-    batch_spec = {"image": jax.ShapeDtypeStruct((self._batch, size, size, 3), dtype),
+    compiled = jitted.lower(state, train.images, train.labels, self._permutation(0)).compile()
+    batch_spec = {"image": jax.ShapeDtypeStruct((self._batch, self._size, self._size, 3), self._dtype),
                   "label": jax.ShapeDtypeStruct((self._batch,), jnp.int32)}
-    return _DeviceTrainStep(compiled, train, self._permutation, steps_per_epoch, batch_spec)
+    return _DeviceTrainStep(compiled, train, self._permutation, self.steps_per_epoch, batch_spec)
 
   # --- Eval ---------------------------------------------------------------------------------------
 
