@@ -174,7 +174,8 @@ def test_train_py_end_to_end_on_mock_data(dataset, model, tmp_path):
     (["--config=configs/nin.py:smoke", "--config.data_dir=/nonexistent/tfds"], "manual_dir"),
     (["--config=configs/alexnet.py:smoke", "--config.model_kwargs.geometry=native"], "at least"),
 ])
-def test_bad_input_gives_one_clear_line(args, expect, tmp_path):
+def test_bad_input_gives_one_clear_line(args, expect, tmp_path, monkeypatch):
+  monkeypatch.setenv("CNN_JAX_ARRAY_CACHE_DIR", str(tmp_path / "arrays"))  # nothing cached: data is read
   proc = _run(args + [f"--workdir={tmp_path / 'w'}"], timeout=120)
   assert proc.returncode != 0
   lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
