@@ -146,11 +146,13 @@ def _finish(proc, timeout=240):
       proc.wait()
 
 
-def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache, tmp_path):
+@pytest.mark.parametrize("input_mode", ["device", "host"])
+def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache, tmp_path, input_mode):
   """SIGTERM, then kill -9 during start-up, then kill -9 mid-training (maybe mid-save); the resumed run ends
   with the same checkpoint arrays (bit for bit), the same eval metrics and the same metrics.jsonl as an
-  uninterrupted run. NiN has dropout, so the RNG is part of what must resume exactly."""
-  args = ["--config=configs/nin.py:smoke", f"--config.data_dir={fashion_mnist_dir}",
+  uninterrupted run, with either input mode. NiN has dropout, so the RNG is part of what must resume
+  exactly."""
+  args = ["--config=configs/nin.py:smoke", f"--config.data_dir={fashion_mnist_dir}", f"--config.input={input_mode}",
           "--config.train_split=train[:2048]", "--config.eval_split=test[:512]",
           "--config.num_train_steps=40", "--config.log_every_steps=5", "--config.checkpoint_every_steps=3",
           "--config.eval_every_epochs=0.3", "--config.progress=false", "--cpu_devices=2"]

@@ -285,3 +285,29 @@ def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, monkeypat
   summary = train.train_and_evaluate(_config(fashion_mnist_dir, **fields), resumed)
   assert summary["steps"] == 12
   assert_trees_equal(load_state(resumed, 12), load_state(reference, 12))
+
+
+# --- The two modes train alike ------------------------------------------------------------------------
+
+def test_host_and_device_input_reach_the_same_accuracy(fashion_mnist_dir, tmp_path):
+  """LeNet, small geometry (32 px, pad-crop + flip), 2 epochs of the whole Fashion-MNIST train split, once
+  per input mode (train.py on one CPU device, both at once): the test top-1 lands within 1 point
+  (different random draws from the same distributions)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  procs = {}
+  for mode in ("host", "device"):
+    procs[mode] = subprocess.Popen(
+        [sys.executable, "train.py", "--config=configs/lenet.py:small,epochs=2", f"--workdir={tmp_path / mode}",
+         "--cpu_devices=1", f"--config.data_dir={fashion_mnist_dir}", f"--config.input={mode}",
+         "--config.optimizer.learning_rate=0.05", "--config.progress=false", "--config.log_every_steps=200",
+         "--config.checkpoint_every_steps=100000", "--config.eval_every_epochs=2"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for mode, proc in procs.items():
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+  summaries = {mode: json.load(open(tmp_path / mode / "summary.json")) for mode in procs}
+  top1 = {mode: s["final_top1"] for mode, s in summaries.items()}
+  assert summaries["host"]["eval_examples"] == summaries["device"]["eval_examples"] == 10_000
+  assert summaries["host"]["steps"] == summaries["device"]["steps"] == 2 * 60_000 // 128
+  assert min(top1.values()) > 0.7, top1  # both learned
+  assert abs(top1["host"] - top1["device"]) < 0.01, top1

@@ -193,6 +193,13 @@ class DeviceInput(inputs.Input):
     self._dtype = _DTYPES.get(config.get("dtype", "float32"), jnp.float32)
 
     bases = sorted({name for spec in the_plan.splits.values() for name, _, _ in arrays.parse_split(spec)})
+    if n_proc > 1:
+      # Process 0 writes whatever is missing before the others read (one writer per shared cache folder).
+      if jax.process_index() == 0:
+        for b in bases:
+          arrays.get_split(config, b, the_plan.resolution, announce=announce)
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("cnn_jax:array_cache")
     split_arrays = {b: arrays.get_split(config, b, the_plan.resolution, announce=announce) for b in bases}
     self._resident = {}
     for role, spec in the_plan.splits.items():
