@@ -63,7 +63,10 @@ def write_arrays(dataset: str, data_dir=None, manual_dir=None, array_cache_dir=N
 
 def main(argv):
   del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from cnn_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # tfds's INFO lines only with --verbosity
   try:
     if not _DATASET.value.startswith("folder:") and (_MANUAL_DIR.value or not _ARRAYS.value):
       path = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value)
