@@ -130,7 +130,7 @@ def main():
   for r in out['throughput']:
     print(f"  {r['model']:8s} {r['res']}px  ours {fmt(r['ours_img_per_s'])} (MFU {fmt(r['ours_mfu'], True)})  "
           f"{r['torch'] or 'no PyTorch'} {fmt(r['torch_img_per_s'])} (MFU {fmt(r['torch_mfu'], True)})  "
-          f"ours/PyTorch {fmt(r['ours_over_torch'])}x{'  [' + r['torch_note'] + ']' if r['torch_note'] else ''}")
+          f"ours/PyTorch {fmt(r['ours_over_torch']) + 'x' if r['ours_over_torch'] else '-'}{'  [' + r['torch_note'] + ']' if r['torch_note'] else ''}")
   for model, e in out['end_to_end'].items():
     print(f"  {model:8s} end-to-end (device input) {fmt(e['device_img_per_s'])} vs synthetic "
           f"{fmt(e['synthetic_img_per_s'])} img/s: {fmt(e['ratio'])}x")

@@ -234,7 +234,8 @@ fi
 
 # --- throughput: ours vs PyTorch, MFU, our step's profile ---------------------------------------------------
 run_part throughput "$B_THROUGHPUT" "$PY" benchmarks/train_step.py --models="$MODELS" --batch="$BATCH" \
-    --dtype="$DTYPE" --impls="$IMPLS" "${NET[@]}" "${TP_ARGS[@]}" --json_out="$WORK/throughput.json"
+    --dtype="$DTYPE" --impls="$IMPLS" "${NET[@]}" "${TP_ARGS[@]}" --trace_dir="$WORK/traces" \
+    --json_out="$WORK/throughput.json"
 
 # --- profile: the loop's real step with the device input ----------------------------------------------------
 run_part profile "$B_PROFILE" "$PY" benchmarks/profile_step.py --models="$MODELS" --batch="$BATCH" \

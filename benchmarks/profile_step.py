@@ -37,7 +37,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -254,6 +254,9 @@ def op_events(trace_path: str, module: str) -> Tuple[List[OpEvent], str]:
     return [to_event(e) for e in chosen], 'device events with hlo_op (no stream lines found)'
   chosen = [e for e in complete if (e.get('args') or {}).get('hlo_op')
             and (e.get('args') or {}).get('hlo_module') == module]
+  if not chosen:  # say what the trace holds, so a new profiler format can be read next time
+    lines = sorted({f'{process_names.get(p, p)}/{t}' for (p, _), t in thread_names.items()})[:20]
+    return [], f'NO ops of {module} found; the trace\'s lines: {lines}'
   return [to_event(e) for e in chosen], 'host CPU thunks'
 
 
@@ -435,13 +438,19 @@ def main(argv):
         f'{device.device_kind} ({jax.default_backend()})', flush=True)
   trace_root = FLAGS.trace_dir or tempfile.mkdtemp(prefix='cnn_jax_profile_')
   results = {}
+  failed = False
   for name in FLAGS.models:
     config = _config(name)
     start = time.perf_counter()
-    compiled, run, flops = _compiled_step(config)
-    compile_s = time.perf_counter() - start
-    run(FLAGS.warmup)
-    result = profile(compiled, run, FLAGS.steps, os.path.join(trace_root, name))
+    try:  # one model's failure leaves the others' profiles
+      compiled, run, flops = _compiled_step(config)
+      compile_s = time.perf_counter() - start
+      run(FLAGS.warmup)
+      result = profile(compiled, run, FLAGS.steps, os.path.join(trace_root, name))
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'{name}: profile failed: {type(e).__name__}: {e}', flush=True)
+      failed = True
+      continue
     util = perf.mfu(flops, result['wall_ms'] / 1e3, jax.devices(), config.dtype)
     result.update(model=name, image_size=config.image_size, flops_per_step=flops, mfu=util,
                   compile_s=compile_s, img_per_s=config.batch_size / (result['wall_ms'] / 1e3))
@@ -457,6 +466,7 @@ def main(argv):
         json.dump({'device': device.device_kind, 'backend': jax.default_backend(), 'input': FLAGS.input,
                    'batch': FLAGS.batch, 'dtype': FLAGS.dtype, 'models': slim}, f, indent=1)
       os.replace(FLAGS.json_out + '.tmp', FLAGS.json_out)
+  return 1 if failed else 0
 
 
 if __name__ == '__main__':

@@ -69,6 +69,7 @@ flags.DEFINE_float('torch_compile_budget_s', 180.0,
                    'Seconds torch.compile (and its first steps) may take before falling back to eager.')
 flags.DEFINE_integer('profile_steps', 0, 'If > 0, also trace this many steps of each JAX variant and print '
                      'where the time goes (benchmarks/profile_step.py).')
+flags.DEFINE_string('trace_dir', None, 'Where --profile_steps keeps its traces (default: a temp dir).')
 flags.DEFINE_string('json_out', None, 'Also write the results as JSON here.')
 flags.DEFINE_integer('num_classes', 1000, 'Number of classes.')
 flags.DEFINE_float('width', 1.0, 'Channel width multiplier.')
@@ -319,13 +320,19 @@ def bench_model(name):
     import profile_step  # pylint: disable=g-import-not-at-top
     result['profile'] = {}
     for v in variants:
-      if isinstance(v, JaxVariant):
-        trace_dir = tempfile.mkdtemp(prefix=f'cnn_jax_profile_{name}_')
+      if not isinstance(v, JaxVariant):
+        continue
+      trace_dir = (os.path.join(FLAGS.trace_dir, f'{name}_{v.label}'.replace('[', '_').replace(']', ''))
+                   if FLAGS.trace_dir else tempfile.mkdtemp(prefix=f'cnn_jax_profile_{name}_'))
+      try:  # the timings above stand even where the profiler cannot run
         prof = profile_step.profile(v.compiled, v.run, FLAGS.profile_steps, trace_dir)
-        print(f'  profile of {name} {v.label} ({FLAGS.profile_steps} steps, ops from {prof["source"]}):',
-              flush=True)
-        print(profile_step.format_breakdown(prof, 12), flush=True)
-        result['profile'][v.label] = {**prof, 'ops': prof['ops'][:30]}
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'  profile of {name} {v.label} failed: {type(e).__name__}: {e}', flush=True)
+        continue
+      print(f'  profile of {name} {v.label} ({FLAGS.profile_steps} steps, ops from {prof["source"]}):',
+            flush=True)
+      print(profile_step.format_breakdown(prof, 12), flush=True)
+      result['profile'][v.label] = {**prof, 'ops': prof['ops'][:30]}
   return result
 
 
