@@ -9,6 +9,7 @@
 #
 # Needs only jax with a CUDA plugin, flax, optax, absl-py and numpy in that Python (no network, no
 # pip install): e.g. jax==0.10.2 + jax-cuda12-plugin[with-cuda]==0.10.2, or a newer jax[cuda13].
+# The full comparison (vs PyTorch on the same GPU, profiles, end-to-end, accuracy) is benchmarks/gpu_campaign.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
