@@ -9,5 +9,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.get_config(arg, model="alexnet", native_res=227, learning_rate=0.01,
-                           model_kwargs=dict(lrn=False, groups=1))
+  return common.get_config(arg, model="alexnet", native_res=227, model_kwargs=dict(lrn=False, groups=1))

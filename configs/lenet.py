@@ -7,4 +7,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.get_config(arg, model="lenet", native_res=28, learning_rate=0.05)
+  return common.get_config(arg, model="lenet", native_res=28)

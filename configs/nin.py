@@ -10,4 +10,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.get_config(arg, model="nin", native_res=224, learning_rate=0.05)
+  return common.get_config(arg, model="nin", native_res=224)

@@ -9,4 +9,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.get_config(arg, model="vgg11", native_res=224, learning_rate=0.01)
+  return common.get_config(arg, model="vgg11", native_res=224)
