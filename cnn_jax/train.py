@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from cnn_jax import checkpoint as ckpt_lib
+from cnn_jax import console
 from cnn_jax import data as data_lib
 from cnn_jax import models
 from cnn_jax.models import summary as model_summary
@@ -28,8 +29,8 @@ from cnn_jax import perf
 from cnn_jax import sharding as shd
 from cnn_jax import steps as steps_lib
 from cnn_jax.errors import UserError
-from cnn_jax.fingerprint import fingerprint
-from cnn_jax.metrics_writer import MetricsWriter, print_progress, progress_line
+from cnn_jax.fingerprint import architecture, fingerprint
+from cnn_jax.metrics_writer import MetricsWriter
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -262,10 +263,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- Set-up: mesh, data, model, optimiser ---------------------------------------------------
   _check_loop_config(config)
   mesh = shd.make_mesh()
+  console.say(console.backend_line())
   shd.check_batch_size(config.batch_size, mesh)
   shd.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   # Cheap checks of the model first, so a typo is reported before any data is touched.
   models.check_input_size(config.model, config.image_size, **config.model_kwargs.to_dict())
+  console.say(f"data: {config.dataset} (prepared on first use)")
   info = data_lib.get_dataset_info(config)
   if config.get("eval_train_split"):  # a bad split name fails here, not at the first eval
     data_lib.num_eval_batches(config, jax.process_count(), split=config.eval_train_split)
@@ -318,7 +321,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
       "num_devices": jax.device_count(), "num_processes": jax.process_count(),
       "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-      "fingerprint": fp["hash"], "fingerprint_fields": fp["fields"],
+      "fingerprint": fp["hash"], "fingerprint_fields": fp["fields"], "architecture": architecture(config),
       "layer_order": list(steps_lib.layers(state.params)),
   }
 
@@ -339,9 +342,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config, seed=config.seed, start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count()), mesh)
 
+  console.say(f"reading the first batch ({info.num_train:,} training images; small datasets are decoded "
+              "into memory during the first epoch)")
   first_batch = next(train_iter)
+  console.say(f"compiling the train step ({config.model}, batch {config.batch_size}, "
+              f"{config.image_size} px)")
+  t_compile = time.time()
   lowered = train_fn.lower(state, first_batch)
   compiled = lowered.compile()
+  console.say(f"compiled in {time.time() - t_compile:.1f}s")
   step_flops = perf.step_flops(compiled, jax.device_count(), jax.jit(step_fn), state, first_batch)
   shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   fwd_flops = model_summary.flops_per_example(model, shapes({"params": state.params, **(
@@ -354,7 +363,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f"{config.model}: {n_params:,} params, {fwd_flops / 1e9:.3f} GFLOPs/image (forward), "
           f"{info.name} {info.num_train:,} train / {info.num_eval:,} eval, "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}, {total_steps} steps", flush=True)
+    cost = console.cpu_cost_warning(config.model, config.model_kwargs.geometry, config.image_size,
+                                    total_steps - start_step, step_flops, config.dtype)
+    if cost:
+      console.warn(cost)
   writer = MetricsWriter(workdir, enabled=is_main)
+  progress = console.Progress(total_steps, start_step, enabled=is_main and config.progress)
 
   # --- The loop ---------------------------------------------------------------------------------
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
@@ -412,10 +426,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mean.update(img_per_s=img_s, epoch=step / steps_per_epoch,
                 mfu=perf.mfu(step_flops, dt / n, jax.devices(), config.dtype))
     writer.write("train", step, mean)
-    if is_main and config.progress:
-      eta = (total_steps - step) * dt / n
-      extra = f"eval top1 {last_eval['top1']:.4f}" if last_eval else ""
-      print_progress(progress_line(step, total_steps, mean["loss"], img_s, eta, extra))
+    progress.update(step, mean["loss"], img_s)
     pending.clear()
     n_log = 0
     t_log = time.time()
@@ -432,6 +443,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state, metrics = compiled(state, batch)
       batch = None
       step += 1
+      if step == start_step + 1:
+        progress.first_step(metrics, config.log_every_steps)
       pending.append((step, metrics))
       if step % config.log_every_steps == 0 or step == total_steps:
         flush_metrics(step)
@@ -439,12 +452,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if is_eval:
         flush_metrics(step)
         t_eval = time.time()
+        progress.evaluating()
         last_eval = evaluate(eval_fn, state, config, mesh)
+        progress.evaluated(step, step / steps_per_epoch, last_eval)
         if last_eval["top1"] > best["top1"]:
           best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "step": step}
         writer.write("eval", step, {**last_eval, "epoch": step / steps_per_epoch})
         if train_eval_split:
           last_train_eval = evaluate(eval_fn, state, config, mesh, split=train_eval_split)
+          progress.evaluated(step, step / steps_per_epoch, last_train_eval, name=train_eval_split)
           writer.write("train_eval", step, {**last_train_eval, "epoch": step / steps_per_epoch})
         t_log += time.time() - t_eval  # eval time is not train time
       if step % config.checkpoint_every_steps == 0 or is_eval or step == total_steps:
@@ -458,6 +474,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     ckpt_lib.wait(manager)
   finally:
+    progress.close()
     writer.close()
 
   if stopped_by:
