@@ -56,17 +56,21 @@ def _short(x: float) -> str:
   return f"{x:.3g}"
 
 
-def _log_axis(ax, values: Sequence[float]) -> None:
-  """A log x axis whose labels do not collide: ticks at 1, 2, 5 x 10^k (plain 10^k over wide ranges),
-  written as 100k / 2M / 0.05, no labels on minor ticks."""
+def _log_axis(ax, values: Sequence[float], margin: float = 1.6) -> None:
+  """A log x axis over `values` (x `margin` each side) whose labels do not collide: ticks at 1, 2, 5 x 10^k
+  (plain 10^k over wide ranges), written as 100k / 2M / 0.05; minor ticks labelled only when fewer than
+  two major ones fall in the range."""
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  lo, hi = min(values), max(values)
-  decades = math.log10(hi / lo) if lo > 0 else 0
-  subs = (1.0,) if decades > 3 else (1.0, 2.0, 5.0)
+  lo, hi = min(values) / margin, max(values) * margin
+  subs = (1.0,) if math.log10(hi / lo) > 3 else (1.0, 2.0, 5.0)
   ax.set_xscale("log")
-  ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
-  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _short(v)))
-  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_xlim(lo, hi)
+  short = ticker.FuncFormatter(lambda v, _: _short(v))
+  major = ticker.LogLocator(base=10, subs=subs)
+  ax.xaxis.set_major_locator(major)
+  ax.xaxis.set_major_formatter(short)
+  in_range = [t for t in major.tick_values(lo, hi) if lo <= t <= hi]
+  ax.xaxis.set_minor_formatter(short if len(in_range) < 2 else ticker.NullFormatter())
 
 
 def _place_labels(ax, points: Sequence[Tuple[float, float]], texts: Sequence[str], colours,
@@ -157,9 +161,7 @@ def tradeoff_figure(groups: Sequence[Mapping[str, Any]], x_key: str, x_label: st
     texts.append(f"{g['architecture']}{' (n=%d)' % g['runs'] if several else ''}"
                  f"  {_short(x)}, {y:.4f}")
     point_colours.append(colour)
-  xs = [p[0] for p in points]
-  _log_axis(ax, xs)
-  ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)  # room for the labels beside the outermost points
+  _log_axis(ax, [p[0] for p in points])  # with room for the labels beside the outermost points
   ys = [p[1] for p in points]
   pad = max(0.01, 0.08 * (max(ys) - min(ys)))
   ax.set_ylim(min(ys) - pad, max(ys) + pad)
