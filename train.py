@@ -75,10 +75,10 @@ def main(argv):
   # before TensorFlow is imported.
   from cnn_jax import console  # pylint: disable=g-import-not-at-top
   console.quiet_libraries()
-  workdir = FLAGS.workdir
-  if not workdir:
-    workdir = console.default_workdir(config_flags.get_config_filename(FLAGS["config"]))
-    print(f"workdir: {workdir} (--workdir not given; the same command resumes there)", flush=True)
+  workdir = FLAGS.workdir or console.default_workdir(config_flags.get_config_filename(FLAGS["config"]))
+  # At once, before the seconds TensorFlow and JAX take to start.
+  print(f"workdir: {workdir}" + ("" if FLAGS.workdir else " (--workdir not given; the same command resumes "
+                                 "there)"), flush=True)
   # Imported here so `--help` and flag errors do not pay for JAX/TF start-up.
   from cnn_jax import cli  # pylint: disable=g-import-not-at-top
   status = cli.run(cli.setup_runtime, FLAGS.coordinator_address, FLAGS.num_processes,

@@ -56,7 +56,8 @@ def _cpu_seconds() -> float:
 
 def _report(name, images, wall, cpu, cores):
   rate = images / wall
-  print(f"{name:<44s} {rate:8.1f} img/s  {rate / cores:7.1f} img/s/core  {images / cpu:7.1f} img/CPU-s",
+  per_cpu = images / cpu if cpu > 0 else float("nan")  # os.times() ticks are 10 ms: a tiny run may read 0
+  print(f"{name:<44s} {rate:8.1f} img/s  {rate / cores:7.1f} img/s/core  {per_cpu:7.1f} img/CPU-s",
         flush=True)
   return rate
 

@@ -131,12 +131,14 @@ def warn(message: str) -> None:
 def default_workdir(config_spec: str, root: str = "runs") -> str:
   """The workdir when --workdir is omitted: runs/<config file name>[_<config args>].
 
-  'configs/nin.py' -> 'runs/nin', 'configs/vgg.py:quick' -> 'runs/vgg_quick'. The same command always
+  'configs/nin.py' -> 'runs/nin', 'configs/vgg.py:quick' -> 'runs/vgg_quick', an image folder by its
+  name ('...:quick,dataset=folder:/data/pets' -> 'runs/vgg_quick_dataset_pets'). The same command always
   gets the same folder, so running it again resumes (a run stopped with Ctrl-C says exactly that).
   """
   path, _, arg = config_spec.partition(":")
   name = os.path.splitext(os.path.basename(path))[0] or "run"
   if arg:
+    arg = re.sub(r"folder:([^,]*)", lambda m: os.path.basename(m.group(1).rstrip("/")) or "folder", arg)
     name += "_" + re.sub(r"[^A-Za-z0-9.+-]+", "_", arg).strip("_")
   return os.path.join(root, name)
 
@@ -204,8 +206,8 @@ def progress_line(step: int, total: int, loss: float, img_per_s: float, eta_s: f
           f"{img_per_s:.0f} img/s | ETA {_fmt_duration(eta_s)}{' | ' + extra if extra else ''}")
 
 
-def eval_line(step: int, epoch: float, metrics: Dict[str, Any], name: str = "test") -> str:
-  """'epoch 3 (step 1404): test top-1 0.8421, top-5 0.9975, loss 0.4412'."""
+def eval_line(step: int, epoch: float, metrics: Dict[str, Any], name: str = "eval") -> str:
+  """'epoch 3 (step 1404): eval top-1 0.8421, top-5 0.9975, loss 0.4412' (name: the split)."""
   when = f"epoch {epoch:g}" if abs(epoch - round(epoch)) < 1e-6 else f"epoch {epoch:.2f}"
   return (f"{when} (step {step}): {name} top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, "
           f"loss {metrics['loss']:.4f}")
@@ -286,11 +288,11 @@ class Progress:
     if self._bar is not None:
       self._bar.set_postfix_str(", ".join(p for p in (self._postfix(), what + " ...") if p))
 
-  def evaluated(self, step: int, epoch: float, metrics: Dict[str, Any], name: str = "test") -> None:
+  def evaluated(self, step: int, epoch: float, metrics: Dict[str, Any], name: str = "eval") -> None:
     """Prints the eval result as a line and keeps its top-1 on the bar."""
     if not self.enabled:
       return
-    if name == "test":
+    if name == "eval":
       self._eval = f"eval top-1 {metrics['top1']:.4f}"
     self.write(eval_line(step, epoch, metrics, name))
     if self._bar is not None:

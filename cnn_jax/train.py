@@ -268,7 +268,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   shd.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   # Cheap checks of the model first, so a typo is reported before any data is touched.
   models.check_input_size(config.model, config.image_size, **config.model_kwargs.to_dict())
-  console.say(f"data: {config.dataset} (prepared on first use)")
+  console.say(f"data: {config.dataset}")
   info = data_lib.get_dataset_info(config)
   if config.get("eval_train_split"):  # a bad split name fails here, not at the first eval
     data_lib.num_eval_batches(config, jax.process_count(), split=config.eval_train_split)
@@ -289,6 +289,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   image_shape = (config.image_size, config.image_size, 3)
   init_fn = jax.jit(functools.partial(steps_lib.create_train_state, model, tx, image_shape=image_shape),
                     out_shardings=replicated)
+  console.say(f"initialising {config.model} ({config.image_size} px, {info.num_classes} classes)")
   state = init_fn(jax.random.PRNGKey(config.seed))
   n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 

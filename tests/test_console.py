@@ -50,8 +50,8 @@ def test_progress_bar_leaves_no_stale_characters_and_ends_with_the_final_eval():
   progress.evaluated(100, 1.0, {"top1": 0.7162, "top5": 0.95, "loss": 0.8})
   progress.close()
   screen = term.screen()
-  assert screen[0] == "epoch 0.50 (step 50): test top-1 0.7163, top-5 0.9000, loss 1.0000"
-  assert screen[1].startswith("epoch 1 (step 100): test top-1 0.7162")
+  assert screen[0] == "epoch 0.50 (step 50): eval top-1 0.7163, top-5 0.9000, loss 1.0000"
+  assert screen[1].startswith("epoch 1 (step 100): eval top-1 0.7162")
   bar = screen[-1]
   assert bar.startswith("train 100%") and bar.endswith("loss 0.5000, 9 img/s, eval top-1 0.7162"), bar
   assert "0.716262" not in bar and "12345" not in bar and "evaluating" not in bar
@@ -67,7 +67,7 @@ def test_progress_lines_without_a_terminal():
   progress.close()
   lines = out.getvalue().splitlines()
   assert lines[0].startswith("step 6/10 (60.0%) loss 0.2500 | 100 img/s | ETA ")
-  assert lines[1] == "epoch 1 (step 6): test top-1 0.5000, top-5 0.9000, loss 0.7000"
+  assert lines[1] == "epoch 1 (step 6): eval top-1 0.5000, top-5 0.9000, loss 0.7000"
   assert lines[2].endswith("| eval top-1 0.5000") and "\r" not in out.getvalue()
 
 
@@ -75,6 +75,8 @@ def test_default_workdir_is_named_after_the_config():
   assert console.default_workdir("configs/nin.py") == os.path.join("runs", "nin")
   assert console.default_workdir("configs/vgg.py:quick") == os.path.join("runs", "vgg_quick")
   assert console.default_workdir("/x/configs/nin.py:small,epochs=2") == os.path.join("runs", "nin_small_epochs_2")
+  assert console.default_workdir("configs/vgg.py:quick,dataset=folder:/data/pets/,res=64") == os.path.join(
+      "runs", "vgg_quick_dataset_pets_res_64")
 
 
 def test_tensorflow_startup_lines_are_hidden_unless_verbose(monkeypatch):
@@ -107,12 +109,12 @@ def test_train_py_as_typed_default_workdir_status_lines_and_no_chatter(fashion_m
   assert lines[0] == f"workdir: {os.path.join('runs', 'lenet_smoke')} (--workdir not given; the same command resumes there)"
   assert os.path.exists(tmp_path / "runs" / "lenet_smoke" / "summary.json")
   assert re.search(r"^\[\d\d:\d\d\] JAX \S+ on cpu: 1 device \(cpu\)$", proc.stdout, re.M)
-  for status in ("data: fashion_mnist", "reading the first batch", "compiling the train step", "compiled in ",
+  for status in ("data: fashion_mnist", "initialising lenet", "reading the first batch", "compiling the train step", "compiled in ",
                  "first step done in"):
     assert re.search(r"^\[\d\d:\d\d\] " + re.escape(status), proc.stdout, re.M), status
   done = next(i for i, l in enumerate(lines) if l.startswith("Done:"))
   last_eval = [l for l in lines[:done] if l.strip()][-1]
-  assert last_eval.startswith("epoch ") and "test top-1" in last_eval  # the final eval, right above Done
+  assert last_eval.startswith("epoch ") and "eval top-1" in last_eval  # the final eval, right above Done
   assert not CHATTER.findall(out), CHATTER.findall(out)
 
 

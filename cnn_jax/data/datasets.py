@@ -187,9 +187,10 @@ def _fail_fast_offline(name: str):
       _check_reachable(url)
     except _Unreachable as e:
       raise _DownloadBlocked(
-          f"cannot download {name}: {e}; this machine looks offline. Put its source files "
-          f"({os.path.basename(urllib_path(url))}, ...) in a folder and pass --config.manual_dir=<folder> "
-          "(prepared offline), or --config.data_dir=<a tfds dir where it is prepared>") from e
+          f"cannot download {name}: {e}; this machine looks offline. Put the files tfds downloads for it "
+          f"(such as {os.path.basename(urllib_path(url))} from {url}) in a folder and pass "
+          "--config.manual_dir=<folder> (prepared offline), or --config.data_dir=<a tfds dir where it is "
+          "prepared>") from e
     return original(self, resource)
 
   with mock.patch.object(tfds.download.DownloadManager, "_download", download):
