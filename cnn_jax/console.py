@@ -281,7 +281,10 @@ class Progress:
       return
     import jax  # pylint: disable=g-import-not-at-top
     jax.block_until_ready(metrics)
-    say(f"first step done in {time.time() - self._t_start:.1f}s; progress every {log_every_steps} steps")
+    seconds = time.time() - self._t_start
+    apart = seconds * log_every_steps  # the first step is about as slow as any (compiled already)
+    say(f"first step done in {seconds:.1f}s; progress every {log_every_steps} steps"
+        + (f" (about {_fmt_duration(apart)} apart at this pace)" if apart > 30 else ""))
 
   def evaluating(self, what: str = "evaluating") -> None:
     """Shows that an evaluation is running (it may take a while at high resolution on a CPU)."""

@@ -118,7 +118,7 @@ def test_empty_class_folder(image_folder_factory, tmp_path, capfd):
   root = image_folder_factory()
   os.makedirs(os.path.join(root, "train", "empty_class"))
   status, line = _train_status(_folder_config(root), tmp_path / "w", capfd)
-  assert status == cli.EXIT_USER_ERROR and "empty_class" in line and "no .jpg" in line, line
+  assert status == cli.EXIT_USER_ERROR and "empty_class" in line and "holds no images" in line, line
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
