@@ -96,10 +96,19 @@ def _verbosity_flag_given() -> bool:
 
 
 def _is_main_process() -> bool:
+  """Process 0 of a multi-process run, or any process before JAX's backends start.
+
+  Never starts the backends itself: that would happen before jax.distributed.initialize and break it.
+  """
   jax = sys.modules.get("jax")
+  if jax is None:
+    return True
   try:
-    return jax is None or jax.process_index() == 0
-  except Exception:  # pylint: disable=broad-except  (backend not up yet: a single process so far)
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if not xla_bridge.backends_are_initialized():
+      return True
+    return jax.process_index() == 0
+  except Exception:  # pylint: disable=broad-except  (an older/newer JAX without that check)
     return True
 
 
