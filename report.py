@@ -24,6 +24,8 @@ flags.mark_flags_as_required(["out"])
 
 
 def _main(patterns):
+  from cnn_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()
   from cnn_jax.compare import report as report_lib  # pylint: disable=g-import-not-at-top
   from cnn_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   if not patterns:

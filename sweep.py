@@ -24,6 +24,8 @@ flags.mark_flags_as_required(["sweep", "root"])
 
 
 def _main():
+  from cnn_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()  # library chatter only with --verbosity (before TensorFlow loads)
   from cnn_jax import cli  # pylint: disable=g-import-not-at-top
   from cnn_jax.compare import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
   sweep = sweep_lib.load_sweep(_SWEEP.value)

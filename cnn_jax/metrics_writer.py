@@ -1,8 +1,7 @@
-"""Where the loop's numbers go: JSON lines, TensorBoard events, and a live progress line (process 0)."""
+"""Where the loop's numbers go: JSON lines and TensorBoard events (the terminal's progress: cnn_jax/console.py)."""
 
 import json
 import os
-import sys
 import time
 from typing import Any, Dict
 
@@ -94,21 +93,3 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
-
-
-def progress_line(step: int, total: int, loss: float, img_per_s: float, eta_s: float,
-                  extra: str = "") -> str:
-  """'step 120/4680 (2.6%) loss 0.4123 | 812 img/s | ETA 5m32s'."""
-  eta = f"{int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m" if eta_s >= 3600 else \
-      f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s"
-  return (f"step {step}/{total} ({100 * step / max(total, 1):.1f}%) loss {loss:.4f} | "
-          f"{img_per_s:.0f} img/s | ETA {eta}{' | ' + extra if extra else ''}")
-
-
-def print_progress(line: str, final: bool = False) -> None:
-  """Rewrites one terminal line when attached to a TTY, else prints each update on its own line."""
-  if sys.stdout.isatty():
-    sys.stdout.write("\r" + line + ("\n" if final else ""))
-  else:
-    sys.stdout.write(line + "\n")
-  sys.stdout.flush()

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from cnn_jax import checkpoint as ckpt_lib
+from cnn_jax import console
 from cnn_jax.data import inputs as inputs_lib
 from cnn_jax import models
 from cnn_jax.models import summary as model_summary
@@ -28,8 +29,8 @@ from cnn_jax import perf
 from cnn_jax import sharding as shd
 from cnn_jax import steps as steps_lib
 from cnn_jax.errors import UserError
-from cnn_jax.fingerprint import fingerprint
-from cnn_jax.metrics_writer import MetricsWriter, print_progress, progress_line
+from cnn_jax.fingerprint import architecture, fingerprint
+from cnn_jax.metrics_writer import MetricsWriter
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -238,6 +239,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- Set-up: mesh, data, model, optimiser ---------------------------------------------------
   _check_loop_config(config)
   mesh = shd.make_mesh()
+  console.say(console.backend_line())
   shd.check_batch_size(config.batch_size, mesh)
   shd.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   # Cheap checks of the model first, so a typo is reported before any data is touched.
@@ -245,8 +247,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # The input mode (config.input): tf.data on the host, or the split resident on the devices.
   # On the CPU, ops.compiler_options() turns off XLA's YNNPACK convolutions (1.5-2.5x slower per step
   # here, see cnn_jax/ops); elsewhere it is empty.
-  announce = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
-  inp = inputs_lib.create(config, mesh, announce=announce, compiler_options=ops.compiler_options())
+  console.say(f"data: {config.dataset}")
+  inp = inputs_lib.create(config, mesh, announce=console.say, compiler_options=ops.compiler_options())
   config.input = inp.mode  # 'auto' resolved: the fingerprint records the mode that ran
   info = inp.info
   model = build_model(config, info.num_classes)
@@ -262,6 +264,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   image_shape = (config.image_size, config.image_size, 3)
   init_fn = jax.jit(functools.partial(steps_lib.create_train_state, model, tx, image_shape=image_shape),
                     out_shardings=replicated)
+  console.say(f"initialising {config.model} ({config.image_size} px, {info.num_classes} classes)")
   state = init_fn(jax.random.PRNGKey(config.seed))
   n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
@@ -294,7 +297,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
       "num_devices": jax.device_count(), "num_processes": jax.process_count(),
       "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-      "fingerprint": fp["hash"], "fingerprint_fields": fp["fields"],
+      "fingerprint": fp["hash"], "fingerprint_fields": fp["fields"], "architecture": architecture(config),
       "layer_order": list(steps_lib.layers(state.params)),
   }
 
@@ -302,7 +305,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_fn = functools.partial(steps_lib.train_step, label_smoothing=config.optimizer.label_smoothing,
                               schedule=schedule,
                               log_layer_grad_norms=bool(config.get("log_grad_norms", False)))
+  console.say(f"compiling the train step ({config.model}, batch {config.batch_size}, "
+              f"{config.image_size} px, {inp.mode} input)")
+  t_compile = time.time()
   train_step = inp.train_step(step_fn, state, start_step)
+  console.say(f"compiled in {time.time() - t_compile:.1f}s")
   # FLOPs of the network's step (on accelerators counted on the host CPU: cuDNN convs count 0 there).
   step_flops = perf.step_flops(train_step.compiled, jax.device_count(), jax.jit(step_fn), state,
                                train_step.batch_spec)
@@ -317,8 +324,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f"{config.model}: {n_params:,} params, {fwd_flops / 1e9:.3f} GFLOPs/image (forward), "
           f"{info.name} {info.num_train:,} train / {info.num_eval:,} eval, "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}, {total_steps} steps", flush=True)
-    print(f"Input: {inp.describe()}.", flush=True)
+    console.say(f"Input: {inp.describe()}.")
+    cost = console.cpu_cost_warning(config.model, config.model_kwargs.geometry, config.image_size,
+                                    total_steps - start_step, step_flops, config.dtype)
+    if cost:
+      console.warn(cost)
   writer = MetricsWriter(workdir, enabled=is_main)
+  progress = console.Progress(total_steps, start_step, enabled=is_main and config.progress)
 
   # --- The loop ---------------------------------------------------------------------------------
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
@@ -376,10 +388,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mean.update(img_per_s=img_s, epoch=step / steps_per_epoch,
                 mfu=perf.mfu(step_flops, dt / n, jax.devices(), config.dtype))
     writer.write("train", step, mean)
-    if is_main and config.progress:
-      eta = (total_steps - step) * dt / n
-      extra = f"eval top1 {last_eval['top1']:.4f}" if last_eval else ""
-      print_progress(progress_line(step, total_steps, mean["loss"], img_s, eta, extra))
+    progress.update(step, mean["loss"], img_s)
     pending.clear()
     n_log = 0
     t_log = time.time()
@@ -392,6 +401,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         break
       state, metrics = train_step(state, step)
       step += 1
+      if step == start_step + 1:
+        progress.first_step(metrics, config.log_every_steps)
       pending.append((step, metrics))
       if step % config.log_every_steps == 0 or step == total_steps:
         flush_metrics(step)
@@ -399,12 +410,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if is_eval:
         flush_metrics(step)
         t_eval = time.time()
+        progress.evaluating()
         last_eval = inp.evaluate(steps_lib.eval_step, state)
+        progress.evaluated(step, step / steps_per_epoch, last_eval)
         if last_eval["top1"] > best["top1"]:
           best = {"top1": last_eval["top1"], "top5": last_eval["top5"], "step": step}
         writer.write("eval", step, {**last_eval, "epoch": step / steps_per_epoch})
         if train_eval_split:
           last_train_eval = inp.evaluate(steps_lib.eval_step, state, split=train_eval_split)
+          progress.evaluated(step, step / steps_per_epoch, last_train_eval, name=train_eval_split)
           writer.write("train_eval", step, {**last_train_eval, "epoch": step / steps_per_epoch})
         t_log += time.time() - t_eval  # eval time is not train time
       if step % config.checkpoint_every_steps == 0 or is_eval or step == total_steps:
@@ -418,6 +432,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     ckpt_lib.wait(manager)
   finally:
+    progress.close()
     writer.close()
 
   if stopped_by:

@@ -1,20 +1,29 @@
 r"""THE shared recipe: one input pipeline and one optimiser for every architecture.
 
 Every model config (alexnet.py, vgg.py, nin.py, lenet.py) calls ``get_config`` here and changes only the
-model, so two runs of different families differ in the network and nothing else.
+model, so two runs of different families differ in the network and nothing else. What a paper fixes for its
+architecture (LeNet has no dropout, AlexNet/VGG drop 0.5 in the FC head, NiN 0.5 before the last block; the
+weight init) is the model's own default in ``cnn_jax/models``, not part of this recipe: ``model_kwargs``
+fields left at None take the family's default. ``cnn_jax/fingerprint.py`` says which fields are recipe
+(identical across a comparison) and which are architecture (recorded per run).
+
+Every field the code reads is declared here (tests/test_config_fields.py checks it), so each can be set
+from the command line (``--config.FIELD=VALUE``) and is recorded in the run's fingerprint.
 
 Config args (big_vision style, after the colon of ``--config=configs/nin.py:...``), comma-separated:
   dataset=NAME   any tfds image-classification name (fashion_mnist, cifar10, imagenette, imagenet2012, ...)
                  or ``folder:/path/to/root`` with root/{train,test}/<class>/*.{jpg,png}.
   res=N          the square training/eval resolution (default: the family's native resolution).
   small          the small-input geometry at 32 px: the CPU-practical way to train on 28-32 px data.
+  quick          the quick start: ``small`` at width 1/4 (LeNet at its own size) for 3 epochs; minutes on a
+                 2-core CPU (README, "Quick start").
   smoke          a seconds-long plumbing run (width 1/8, 32 px, a handful of steps).
   epochs=N, batch=N, width=F, lr=F, seed=N   common knobs.
 Anything else is a regular override: ``--config.optimizer.learning_rate=0.02``.
 
-Launch (d2l recipe, Fashion-MNIST resized to the native resolution, offline from a manual dir):
-  python train.py --config=configs/nin.py --workdir=runs/nin \
-      --config.manual_dir=/path/to/fashion_mnist
+Launch (d2l recipe, Fashion-MNIST resized to the native resolution; tfds downloads it, or prepares it
+offline from --config.manual_dir=/path/to/fashion_mnist):
+  python train.py --config=configs/nin.py --workdir=runs/nin
 """
 
 import ml_collections
@@ -39,11 +48,20 @@ def parse_arg(arg):
   return out
 
 
-_KNOWN_ARGS = ("dataset", "res", "small", "smoke", "epochs", "batch", "width", "lr", "seed", "geometry")
+_KNOWN_ARGS = ("dataset", "res", "small", "quick", "smoke", "epochs", "batch", "width", "lr", "seed",
+               "geometry")
+# Families that `quick` (and the sweeps' width=) leave at full width: LeNet is already tiny (the baseline).
+_UNSCALED = ("lenet",)
+QUICK_EPOCHS = 3
+QUICK_WIDTH = 0.25
 
 
-def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, learning_rate=0.01):
-  """Returns the shared config for `model`; `arg` is the big_vision-style config string."""
+def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None):
+  """Returns the shared config for `model`; `arg` is the big_vision-style config string.
+
+  model_kwargs: the family's own switches, declared so they can be set from the command line (e.g.
+  AlexNet's lrn/groups at their paper-faithful defaults); never recipe fields.
+  """
   args = parse_arg(arg)
   unknown = sorted(set(args) - set(_KNOWN_ARGS))
   if unknown:
@@ -54,8 +72,11 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, lear
 
   # --- Model -------------------------------------------------------------------------------
   config.model = model
+  # None = the family's own default (the paper's): dropout 0.5 in AlexNet/VGG's FC head and before NiN's
+  # last block, none in LeNet. Set it to study dropout (configs/sweeps/dropout.py).
   config.model_kwargs = ml_collections.ConfigDict(dict(
-      geometry="native", width=1.0, activation="relu", dropout_rate=0.5))
+      geometry="native", width=1.0, activation="relu",
+      dropout_rate=config_dict.placeholder(float)))
   config.model_kwargs.update(model_kwargs or {})
   # Compute dtype: 'float32' or 'bfloat16' (params and optimiser state stay float32).
   config.dtype = "float32"
@@ -64,14 +85,16 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, lear
   config.dataset = "fashion_mnist"
   config.data_dir = config_dict.placeholder(str)        # tfds data dir; None = tfds default (~/tensorflow_datasets).
   config.manual_dir = config_dict.placeholder(str)      # local copies of the source files, for offline preparation.
-  config.download = False       # never reach the network unless asked.
+  config.download = True        # tfds downloads a missing dataset; offline, --config.manual_dir prepares it
+                                # from local files instead (and a failed download says so in one line).
   config.train_split = "train"
   config.eval_split = "auto"    # 'test', or 'validation' where a dataset has no test split.
   config.image_size = native_res
   config.batch_size = 128       # global batch, over all devices of all hosts.
   config.eval_batch_size = 256
   config.shuffle_buffer = 16_384
-  config.cache = True           # keep decoded small datasets in memory.
+  config.cache = True           # keep decoded small datasets in memory ...
+  config.cache_max_gb = 4.0     # ... when this process's decoded slice is smaller than this.
   config.cache_dir = config_dict.placeholder(str)       # where dataset statistics (PCA lighting) are cached; None = workdir.
   # Input mode: 'device' keeps the decoded uint8 split on the accelerators and augments inside the jitted
   # step (no TensorFlow at run time once the array cache exists); 'host' is the tf.data pipeline;
@@ -92,12 +115,18 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, lear
   ))
   config.eval_train_split = ""    # e.g. 'train[:10000]': also evaluate that part of the training split
                                   # (eval preprocessing) at every eval -> train-test gap in summary.json.
+  # Per-channel input normalisation: 'auto' (known per-dataset values, else ImageNet's), 'imagenet',
+  # 'dataset' (computed from the train split, cached), 'none', or 'mean=R,G,B;std=R,G,B' in [0, 1] units.
+  config.normalize = "auto"
+  config.data_threads = 0         # tf.data's private thread pool; 0 = one per CPU core.
+  config.deterministic = True     # order-preserving tf.data maps: identical batches from one seed.
   config.eval_crop = "center"     # center | ten_crop
   config.eval_resize_ratio = 1.0  # eval: resize shorter side to ratio * image_size, then centre crop.
 
   # --- Optimiser: SGD with momentum, as in the papers ---------------------------------------
   config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=learning_rate,  # at batch 128; scaled linearly with the global batch.
+      learning_rate=0.01,           # at batch 128; scaled linearly with the global batch. ONE value for
+                                    # every family (the published comparison's), never set per model.
       momentum=0.9,
       nesterov=False,
       weight_decay=5e-4,
@@ -125,6 +154,11 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None, lear
   config.log_grad_norms = False   # also log 'grad_norm/<layer>' for every layer (train records)
 
   # --- Config args --------------------------------------------------------------------------
+  if "quick" in args:
+    args.setdefault("small", True)
+    args.setdefault("epochs", str(QUICK_EPOCHS))
+    if model not in _UNSCALED:
+      args.setdefault("width", str(QUICK_WIDTH))
   if "small" in args or args.get("geometry") == "small":
     config.model_kwargs.geometry = "small"
     config.image_size = _SMALL_RES

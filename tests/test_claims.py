@@ -15,6 +15,7 @@ from cnn_jax import models
 from cnn_jax import steps
 from cnn_jax.compare import claims
 from cnn_jax.compare import report as report_lib
+from cnn_jax import fingerprint as fingerprint_lib
 from cnn_jax.compare import sweep as sweep_lib
 from cnn_jax.errors import UserError
 
@@ -60,7 +61,7 @@ def test_augmentation_sweep_expands():
   for c in configs.values():
     assert (c.model, c.model_kwargs.width, c.num_epochs) == ("alexnet", 0.25, 12)
     assert c.train_split == c.eval_train_split == "train[:10000]"
-    assert c.model_kwargs.dropout_rate == 0.5
+    assert fingerprint_lib.architecture(c)["dropout_rate"] == 0.5  # AlexNet's own (paper) dropout
   # Only augmentation fields tell the runs apart, and the report is told so through sweep.varies.
   assert all(k.startswith("augment.") for k in sweep.varies)
   hashes = {sweep_lib.fingerprint(c)["hash"] for c in configs.values()}

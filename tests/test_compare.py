@@ -102,6 +102,8 @@ def test_bad_overrides_are_user_errors():
     sweep_lib.run_config(sweep_lib.load_sweep("configs/sweeps/families.py:bogus"), sweep.runs[0])
   assert sweep_lib.parse_overrides(["data_dir=/x/y", "num_train_steps=10", "augment.flip=False"]) == {
       "data_dir": "/x/y", "num_train_steps": 10, "augment.flip": False}
+  with pytest.raises(UserError, match="'...' is a placeholder"):  # was a cryptic 'Ellipsis' type error
+    sweep_lib.parse_overrides(["data_dir=..."])
 
 
 def test_sweep_trains_then_skips_finished_runs(sweep_root):

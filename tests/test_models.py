@@ -245,6 +245,25 @@ def test_dropout_is_active_only_in_train_mode():
       eval_a, rtol=1e-6)
 
 
+def test_the_papers_dropout_is_each_familys_default():
+  # LeNet has none; AlexNet/VGG drop 0.5 in the FC head, NiN 0.5 before its last block. A kwarg of None
+  # (the shared config's "family default") gives exactly that.
+  expected = {'lenet': 0.0, 'alexnet': 0.5, 'vgg11': 0.5, 'vgg11_bn': 0.5, 'nin': 0.5}
+  for name, rate in expected.items():
+    assert models.get_model(name, 10, dropout_rate=None).dropout_rate == rate
+    arch = models.architecture(name, geometry='small', width=0.25, dropout_rate=None, dtype=jnp.bfloat16)
+    assert arch['dropout_rate'] == rate and arch['model'] == name and 'dtype' not in arch
+    assert arch['init'] == layers.ImageClassifier.INIT
+  assert models.architecture('alexnet')['lrn'] is False and models.architecture('nin')['head'] == 'gap'
+  assert models.architecture('lenet', dropout_rate=0.3)['dropout_rate'] == 0.3
+  lenet = models.get_model('lenet', 10, geometry='small', width=0.25)
+  images = _images(28, 1)
+  variables = _small_net_variables('lenet', 28, 1)
+  np.testing.assert_array_equal(  # no dropout: train mode computes the eval function
+      _apply(lenet, variables, images, rngs={'dropout': jax.random.key(1)}, train=True),
+      _apply(lenet, variables, images))
+
+
 def test_bfloat16_computes_in_bf16_with_float32_params_and_logits():
   model = models.get_model('nin', 10, geometry='small', width=0.25, dtype=jnp.bfloat16)
   images = _images(32)

@@ -173,6 +173,8 @@ _K = flags.DEFINE_integer("k", 3, "1x1 claim: kernel size of the following conv.
 
 def main(argv):
   del argv
+  from cnn_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()  # JAX's backend-probing INFO lines only with --verbosity
   unknown = sorted(set(_CLAIMS.value) - {"params", "1x1", "fc"})
   if unknown:
     print(f"error: unknown --claims {unknown}; choose from params, 1x1, fc", file=sys.stderr)

@@ -6,7 +6,11 @@ r"""Compares finished (or running) workdirs: a verified-identical pipeline, then
 
 Reads only what the loop writes (docs/design.md, "Workdir"): run_info.json (model, params, FLOPs, device,
 fingerprint fields), summary.json (final/best accuracy, throughput, wall time) and metrics.jsonl (the eval
-curve). A run without summary.json yet is reported from its metrics.jsonl and marked as running.
+curve). A run without summary.json is reported from its metrics.jsonl and marked as running (its
+process still holds the workdir) or stopped.
+
+The recipe (run_info.json `fingerprint_fields`) must agree; the architecture (`architecture`, the
+family's own defaults such as its paper's dropout) is recorded per run and may differ between families.
 """
 
 import csv
@@ -16,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import statistics
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -60,6 +65,35 @@ class RunRecord:
   def fields(self) -> Dict[str, Any]:
     """The pipeline + recipe fingerprint fields, flattened to dotted leaves."""
     return flatten(self.run_info.get("fingerprint_fields", {}))
+
+  @property
+  def running(self) -> bool:
+    """True while the run's process still holds its workdir (its `.lock` names a live process here)."""
+    return self.summary is None and workdir_in_use(self.workdir)
+
+
+def workdir_in_use(workdir: str) -> bool:
+  """Whether the process named in <workdir>/.lock ('pid N on HOST') is alive on this host.
+
+  A run writes that line when it takes the workdir's lock and its process holds the lock until it ends.
+  A lock from another host cannot be checked from here: counted as in use (the run may be going on).
+  """
+  try:
+    with open(os.path.join(workdir, ".lock")) as f:
+      holder = f.read().split()
+  except OSError:
+    return False
+  if len(holder) < 4 or holder[0] != "pid" or not holder[1].isdigit():
+    return False
+  if holder[3] != socket.gethostname():
+    return True
+  try:
+    os.kill(int(holder[1]), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # alive, owned by someone else
+  return True
 
 
 def flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -214,15 +248,30 @@ def check_identical(runs: Sequence[RunRecord], allowed: Iterable[str] = (),
 MAX_LABEL_DETAIL = 60  # longer lists of differing fields are replaced by the run's name in labels
 
 
+def _model_kwargs_shown(run: RunRecord) -> Dict[str, Any]:
+  """The run's model kwargs as configured, with None (= the family's default) replaced by the value the
+  run's recorded architecture resolved it to."""
+  kwargs = flatten(run.run_info.get("model_kwargs", {}))
+  resolved = run.run_info.get("architecture") or {}
+  return {k: resolved.get(k) if v is None and k in resolved else v for k, v in kwargs.items()}
+
+
 def _architecture_labels(runs: Sequence[RunRecord], extra_fields: Sequence[str]) -> Dict[str, str]:
-  """'nin', or 'nin (use_1x1=False)' when a model kwarg (or a studied field) tells runs apart."""
-  kw = {r.name: flatten(r.run_info.get("model_kwargs", {})) for r in runs}
-  keys = sorted({k for d in kw.values() for k in d})
+  """'nin', or 'nin (use_1x1=False)' when a model kwarg (or a studied field) tells runs apart.
+
+  A kwarg is shown when the runs that have it are not all configured alike: a family's own switch
+  (AlexNet's lrn) that no run changes, or a family default left at None, stays out of every label.
+  """
+  configured = {r.name: flatten(r.run_info.get("model_kwargs", {})) for r in runs}
+  kw = {r.name: _model_kwargs_shown(r) for r in runs}
+  keys = sorted({k for d in configured.values() for k in d})
+  # Varying as configured (a family's own default is not a study: LeNet's dropout 0 beside AlexNet's 0.5
+  # under dropout_rate=None stays out), shown as resolved.
   varying = [k for k in keys
-             if len({json.dumps(d.get(k), sort_keys=True, default=str) for d in kw.values()}) > 1]
+             if len({json.dumps(d[k], sort_keys=True, default=str) for d in configured.values() if k in d}) > 1]
   labels = {}
   for r in runs:
-    parts = [f"{k}={kw[r.name].get(k)}" for k in varying]
+    parts = [f"{k}={kw[r.name][k]}" for k in varying if k in kw[r.name]]
     parts += [f"{k}={r.fields.get(k)}" for k in extra_fields if not _covered(k, ALWAYS_ALLOWED)]
     detail = ", ".join(parts)
     if len(detail) > MAX_LABEL_DETAIL:  # e.g. five augmentation fields: the sweep's run name says it better
@@ -271,7 +320,8 @@ def row(run: RunRecord, architecture: str, target: float = DEFAULT_TARGET_TOP1) 
   step = max([r["step"] for r in run.train + run.evals], default=0)
   times = [r["time"] for r in run.train + run.evals if "time" in r]
   flops = info.get("flops_per_example")
-  return {**common, "status": f"running ({step}/{info.get('total_steps', '?')})", "steps": step,
+  state = "running" if run.running else "stopped"
+  return {**common, "status": f"{state} ({step}/{info.get('total_steps', '?')})", "steps": step,
           "params": info.get("params"), "gflops_per_image": flops / 1e9 if flops else None,
           "train_img_per_s": _mean([r.get("img_per_s") for r in run.train]),
           "best_top1": best.get("top1"), "best_top5": best.get("top5"),
@@ -298,7 +348,9 @@ def group_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     # A run still training would drag the mean down: groups average finished runs where there are any.
     done = [m for m in members if m["status"] == "done"]
     members = done or members
-    g = {"architecture": label + ("" if done else " (running)"), "model": members[0]["model"],
+    unfinished = "" if done else (" (running)" if any(m["status"].startswith("running") for m in members)
+                                  else " (stopped)")
+    g = {"architecture": label + unfinished, "model": members[0]["model"],
          "runs": len(members), "seeds": [m["seed"] for m in members]}
     for key in GROUP_KEYS:
       values = [m[key] for m in members if m[key] is not None]
@@ -402,6 +454,14 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
   md += ["", "<details><summary>Shared pipeline and recipe</summary>", "",
          _md_table(["field", "value"], [[f"`{k}`", f"`{json.dumps(v, default=str)}`"]
                                         for k, v in sorted(shared.items())]), "", "</details>", ""]
+  archs = {r.name: flatten(r.run_info.get("architecture") or {}) for r in runs}
+  arch_keys = sorted({k for a in archs.values() for k in a})
+  if arch_keys:
+    md += ["<details><summary>Architecture of each run (the family's own fields, e.g. its paper's dropout; "
+           "allowed to differ between families)</summary>", "",
+           _md_table(["run"] + arch_keys, [[r.name] + [f"`{json.dumps(archs[r.name].get(k, '–'), default=str)}`"
+                                                      for k in arch_keys] for r in runs]),
+           "", "</details>", ""]
 
   gap_head = ["train top-1", "gap"] if has_gap else []
   target_head = [f"epochs to ≥{target:g}", f"wall to ≥{target:g}"]
@@ -442,10 +502,14 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
         ["field"] + names, [[f"`{k}`"] + [f"`{json.dumps(v[n], default=str)}`" for n in names]
                             for k, v in diffs.items()]), ""]
   if plots:
-    md += ["## Plots", "", "![test top-1 vs epoch](top1_vs_epoch.png)", "",
-           "![top-1 vs parameters](top1_vs_params.png)", "", "![top-1 vs FLOPs](top1_vs_flops.png)", ""]
-    md += [f"![{k.replace('_', ' ')}]({os.path.basename(paths[k])})" + "\n"
-           for k in ("train_vs_test", "grad_norms") if k in paths]
+    md += ["## Plots", ""]
+    md += [f"![{title}]({os.path.basename(paths[k])})" + "\n"
+           for k, title in (("top1_vs_epoch", "test top-1 vs epoch"), ("top1_vs_params", "top-1 vs parameters"),
+                            ("top1_vs_flops", "top-1 vs FLOPs"), ("train_vs_test", "train vs test"),
+                            ("grad_norms", "grad norms")) if k in paths]
+    if "top1_vs_epoch" not in paths:
+      md += ["*No accuracy plots: none of these runs has evaluated yet (the first eval comes after "
+             "`eval_every_epochs`, 1 epoch by default).*", ""]
   md += ["Files: `runs.csv` (one row per run), `groups.csv` (mean/std per architecture). "
          "Params and GFLOPs/image (forward pass, XLA cost analysis) come from each run's summary.json.", ""]
   with open(paths["markdown"], "w") as f:

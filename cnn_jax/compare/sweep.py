@@ -140,6 +140,9 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
       raise UserError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set=data_dir=/data/tfds")
+    if value.strip() in ("...", "Ellipsis"):  # Python would read '...' as Ellipsis: a copied placeholder
+      raise UserError(f"--set {item!r}: '...' is a placeholder; put the real value there, e.g. "
+                      f"--set={key.strip()}=/data/tfds")
     try:
       out[key.strip()] = ast.literal_eval(value)
     except (ValueError, SyntaxError):

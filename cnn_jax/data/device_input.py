@@ -70,7 +70,14 @@ def _folder_splits(config) -> Optional[List[str]]:
 
 
 def _roles(config) -> Dict[str, str]:
-  train_split, eval_split = resolve_splits(config, _folder_splits(config))
+  folders = _folder_splits(config)
+  if folders is not None and (config.get("eval_split") or "auto") == "auto" and not (
+      {"test", "val", "validation"} & set(folders)):
+    raise UserError(f"image folder {config.dataset[len(FOLDER_PREFIX):]} has no test/, val/ or validation/ "
+                    f"folder to evaluate on (it has {', '.join(f + '/' for f in folders)}); name one with "
+                    "--config.eval_split=<folder>, or hold out part of the train folder with "
+                    "--config.eval_split=holdout:10%")
+  train_split, eval_split = resolve_splits(config, folders)
   roles = {"train": train_split, "eval": eval_split}
   if config.get("eval_train_split"):
     roles["train_eval"] = config.eval_train_split

@@ -50,8 +50,9 @@ class HostInput(inputs.Input):
   """The tf.data pipeline as an `inputs.Input`."""
   mode = "host"
 
-  def __init__(self, config, mesh, compiler_options=None):
+  def __init__(self, config, mesh, compiler_options=None, announce=lambda line: None):
     data = _data_lib()
+    self._announce = announce
     self._config = config
     self._compiler_options = compiler_options
     self._mesh = mesh
@@ -75,6 +76,8 @@ class HostInput(inputs.Input):
     batches = prefetch_to_mesh(data.create_train_iter(
         self._config, seed=self._config.seed, start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count()), self._mesh)
+    self._announce(f"reading the first batch ({self.info.num_train:,} training images; small datasets are "
+                   "decoded into memory during the first epoch)")
     first = next(batches)
     jitted = jax.jit(step_fn, in_shardings=(self._replicated, self._batch_sharding),
                      out_shardings=(self._replicated, self._replicated), donate_argnums=(0,),

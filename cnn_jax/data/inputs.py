@@ -108,7 +108,14 @@ def create(config, mesh, announce: Callable[[str], None] = print,
     raise UserError(f"--config.input={mode!r} is not one of {list(MODES)}")
   if mode == "host":
     from cnn_jax.data import host_input  # pylint: disable=g-import-not-at-top
-    return host_input.HostInput(config, mesh, compiler_options)
+    return host_input.HostInput(config, mesh, compiler_options, announce)
+  if str(config.get("eval_split") or "").startswith("holdout:"):
+    # A hold-out of a folder's train split is drawn by the host pipeline (datasets.py).
+    if mode == "device":
+      raise UserError("--config.eval_split=holdout:... is drawn by the host pipeline; use --config.input=host "
+                      "(or auto), or name an eval folder")
+    from cnn_jax.data import host_input  # pylint: disable=g-import-not-at-top
+    return host_input.HostInput(config, mesh, compiler_options, announce)
   from cnn_jax.data import device_input  # pylint: disable=g-import-not-at-top
   plan = device_input.plan(config, mesh)
   budget = device_memory_bytes(mesh)
@@ -124,7 +131,7 @@ def create(config, mesh, announce: Callable[[str], None] = print,
     logging.info("input: host (%s)", need)
     announce(f"Input: host tf.data pipeline ({need}).")
     from cnn_jax.data import host_input  # pylint: disable=g-import-not-at-top
-    return host_input.HostInput(config, mesh, compiler_options)
+    return host_input.HostInput(config, mesh, compiler_options, announce)
   return device_input.DeviceInput(config, mesh, plan, announce=announce, compiler_options=compiler_options)
 
 

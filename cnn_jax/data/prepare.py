@@ -34,12 +34,15 @@ def prepare(dataset: str, manual_dir: str, data_dir=None) -> str:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
   if not manual_dir or not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"--manual_dir={manual_dir!r} is not a folder; point it at the source files")
   builder = tfds.builder(dataset, data_dir=data_dir)
   # Reading only: the files are taken from manual_dir, tfds writes the prepared records under data_dir.
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.abspath(manual_dir), download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  with datasets.quiet_preparation(builder):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.abspath(manual_dir),
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
   return builder.data_dir
 
 
@@ -63,10 +66,12 @@ def write_arrays(dataset: str, data_dir=None, manual_dir=None, array_cache_dir=N
 
 def main(argv):
   del argv
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from cnn_jax import console  # pylint: disable=g-import-not-at-top
   from cnn_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # tfds's INFO lines only with --verbosity
+  console.quiet_libraries()  # tfds's INFO lines and bars only with --verbosity
+  if _MANUAL_DIR.value:
+    print(f"preparing {_DATASET.value} from {_MANUAL_DIR.value} (about half a minute for Fashion-MNIST)",
+          flush=True)
   try:
     if not _DATASET.value.startswith("folder:") and (_MANUAL_DIR.value or not _ARRAYS.value):
       path = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value)

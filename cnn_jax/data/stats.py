@@ -119,10 +119,13 @@ def mean_std(spec, base: str, stats_fn) -> Optional[Tuple[Tuple[float, ...], Tup
   """Normalisation constants of `config.normalize` = spec, or None for no normalisation.
 
   'auto' (default): known per-dataset values, else ImageNet's; 'imagenet'; 'dataset' (`stats_fn()`, the
-  train split's statistics); 'none'; or {'mean': [...], 'std': [...]} in [0, 1] units.
+  train split's statistics); 'none'; or {'mean': [...], 'std': [...]} (also written
+  'mean=0.5,0.5,0.5;std=0.25,0.25,0.25' on the command line) in [0, 1] units.
   """
   if spec is None or spec == "none":
     return None
+  if isinstance(spec, str) and spec.replace(" ", "").startswith("mean="):
+    spec = _parse_mean_std(spec)
   if spec == "auto":
     return MEAN_STD.get(base, IMAGENET_MEAN_STD)
   if spec == "imagenet":
@@ -137,3 +140,16 @@ def mean_std(spec, base: str, stats_fn) -> Optional[Tuple[Tuple[float, ...], Tup
     return mean, std
   raise UserError(f"--config.normalize={spec!r} must be 'auto', 'imagenet', 'dataset', 'none' or "
                   f"{{'mean': [...], 'std': [...]}}")
+
+
+def _parse_mean_std(spec: str) -> Dict[str, Tuple[float, ...]]:
+  """'mean=0.5,0.4,0.3;std=0.2,0.2,0.2' -> {'mean': (0.5, 0.4, 0.3), 'std': (0.2, 0.2, 0.2)}."""
+  out = {}
+  try:
+    for part in spec.replace(" ", "").split(";"):
+      key, values = part.split("=", 1)
+      out[key] = tuple(float(v) for v in values.split(","))
+  except ValueError as e:
+    raise UserError(f"--config.normalize={spec!r}: write it as 'mean=R,G,B;std=R,G,B' (numbers in [0, 1] "
+                    "units)") from e
+  return out

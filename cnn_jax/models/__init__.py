@@ -7,7 +7,9 @@
                                 mutable=['batch_stats'])
 
 Common kwargs: ``activation``, ``dropout_rate``, ``width``, ``geometry`` ('native' | 'small'),
-``dtype``. Family kwargs: alexnet ``lrn``, ``groups``; nin ``use_1x1``, ``head``. Each family's
+``dtype``; a kwarg given as None takes the family's default. What the paper fixes for an architecture is
+that default: LeNet has no dropout, AlexNet and VGG drop 0.5 in the FC head, NiN 0.5 before its last
+block (``architecture(name)`` lists them, with the weight init, for run records). Family kwargs: alexnet ``lrn``, ``groups``; nin ``use_1x1``, ``head``. Each family's
 module docstring tables its layers and its ``small`` geometry.
 """
 
@@ -58,7 +60,8 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   Args:
     name: registry name, e.g. 'alexnet', 'vgg11_bn', 'nin', 'lenet'.
     num_classes: number of output logits.
-    **kwargs: see ``model_kwargs(name)``, e.g. geometry='small', width=0.25, dtype=jnp.bfloat16.
+    **kwargs: see ``model_kwargs(name)``, e.g. geometry='small', width=0.25, dtype=jnp.bfloat16; None
+      values are dropped, so the family's (paper's) default applies.
 
   Returns:
     A linen module; ``apply(variables, x [N, H, W, C], train)`` gives float32 [N, num_classes].
@@ -67,11 +70,28 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     UserError: unknown name or kwarg, or a bad kwarg value.
   """
   valid = model_kwargs(name)
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}
   unknown = sorted(set(kwargs) - set(valid))
   if unknown:
     raise UserError(f'Unknown kwarg(s) {", ".join(unknown)} for model {name!r}; valid: '
                     f'{", ".join(valid)}.')
   return _CONSTRUCTORS[name](num_classes=num_classes, **kwargs)
+
+
+def architecture(name: str, **kwargs: Any) -> Dict[str, Any]:
+  """Every architecture field of model ``name`` as built with ``kwargs``: the family's defaults filled in.
+
+  {'model': name, <each ``model_kwargs(name)`` field>: value, 'init': description of the weight init}; the
+  compute dtype is left out (a recipe field). JSON-friendly values; what a run records as its architecture.
+  """
+  model = get_model(name, num_classes=1, **{k: v for k, v in kwargs.items() if k != 'dtype'})
+  out = {'model': name}
+  for field in model_kwargs(name):
+    if field != 'dtype':
+      value = getattr(model, field)
+      out[field] = value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+  out['init'] = model.INIT
+  return out
 
 
 def native_resolution(name: str) -> int:

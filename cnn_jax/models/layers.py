@@ -201,7 +201,8 @@ class ImageClassifier(nn.Module):
   Attributes:
     num_classes: number of logits.
     activation: name of a ``jax.nn`` activation (see ``ACTIVATIONS``).
-    dropout_rate: dropout probability in the classifier head (rng name 'dropout').
+    dropout_rate: dropout probability in the classifier head (rng name 'dropout'); the default is the
+      paper's for the family (0.5 here; LeNet overrides it with 0.0).
     width: multiplier of every conv's channels and of the hidden FC widths (rounded, >= 1).
     geometry: 'native' (paper) or 'small' (28-64 px inputs; see each family's docstring).
     dtype: compute dtype of the activations; params stay float32 and logits are float32.
@@ -212,6 +213,11 @@ class ImageClassifier(nn.Module):
   width: float = 1.0
   geometry: str = 'native'
   dtype: Dtype = jnp.float32
+
+  # The weight init every family here uses (``Conv`` and flax's ``nn.Dense`` defaults). Not the papers'
+  # N(0, 0.01): with it plain VGG-11 and NiN stayed at chance in our runs (see ``Conv``). An architecture
+  # property, recorded with each run (``cnn_jax.models.architecture``), never a recipe field.
+  INIT = 'conv kernels He normal (fan-in), dense kernels LeCun normal, biases 0'
 
   def __post_init__(self):
     check_common_kwargs(num_classes=self.num_classes, activation=self.activation,

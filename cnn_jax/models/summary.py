@@ -138,6 +138,8 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
+  from cnn_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()  # JAX's backend-probing INFO lines only with --verbosity
   config = flags.FLAGS
   image_size = config.image_size or models.native_resolution(config.model)
   try:
