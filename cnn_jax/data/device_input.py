@@ -200,6 +200,8 @@ class DeviceInput(inputs.Input):
     self._dtype = _DTYPES.get(config.get("dtype", "float32"), jnp.float32)
 
     bases = sorted({name for spec in the_plan.splits.values() for name, _, _ in arrays.parse_split(spec)})
+    announce(f"loading {config.dataset} ({', '.join(sorted(set(the_plan.splits.values())))}) onto the devices, "
+             f"{inputs.describe_bytes(the_plan.bytes_per_device)} each")
     if n_proc > 1:
       # Process 0 writes whatever is missing before the others read (one writer per shared cache folder).
       if jax.process_index() == 0:
