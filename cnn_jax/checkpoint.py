@@ -59,8 +59,27 @@ class _DropOrbaxNotice(logging.Filter):
     return "did not provide metrics" not in record.getMessage()
 
 
+class _KeepLastGood:
+  """Orbax preservation policy: keeps the two newest checkpoints saved while the loss was sane.
+
+  After a divergence every new checkpoint would otherwise push the good ones out of the last `keep`. Two,
+  because a checkpoint's parameters are judged only by the next step's loss: of two checkpoints saved
+  while the loss was sane, the older one's next step was seen (by the time the newer one was saved).
+  In a healthy run they are the newest two, kept anyway.
+  """
+
+  def should_preserve(self, checkpoints, *, context=None):
+    del context
+    good = sorted((c.step for c in checkpoints if c.metrics and c.metrics.get("sane")))[-2:]
+    return [c.step in good for c in checkpoints]
+
+
+def _top1(metrics) -> float:
+  return metrics.get("top1", float("-inf"))  # checkpoints between evals have no top1
+
+
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last `keep` steps and the best by eval `top1`.
+  """A CheckpointManager keeping the last `keep` steps, the best by eval `top1` and the last good one.
 
   async_save: the arrays are copied to host memory before `save` returns and written to disk in a
   background thread while training continues; the next `save` (or `wait`) waits for it and re-raises
@@ -79,12 +98,13 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policies.AnyPreservationPolicy([
           policies.LatestN(n=keep),
-          policies.BestN(get_metric_fn=lambda m: m["top1"], reverse=False, n=1,
+          policies.BestN(get_metric_fn=_top1, reverse=False, n=1,
                          keep_checkpoints_without_metrics=False),
+          _KeepLastGood(),
       ]),
       # Without best_fn Orbax keeps the metrics in memory only (its `_track_best`), so after a restart
       # BestN would see no metrics and drop the best checkpoint; with it they are written per step.
-      best_fn=lambda m: m["top1"], best_mode="max",
+      best_fn=_top1, best_mode="max",
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,  # leftovers of a save interrupted by kill -9
   )
@@ -144,6 +164,8 @@ def save(manager: ocp.CheckpointManager, state, meta: Dict[str, Any],
     return False
   tree = state_to_tree(state)
   meta = {**meta, "checksums": checksum_lib.checksums(tree)}
+  # Every checkpoint carries metrics: 'sane' for _KeepLastGood, 'top1' at evals for the best.
+  metrics = {**(metrics or {}), "sane": int(bool((meta.get("divergence") or {}).get("sane", True)))}
   try:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                meta=ocp.args.JsonSave(meta)),

@@ -178,13 +178,16 @@ def _record_from_dataset(config, data_dir: Optional[str]) -> Dict[str, Any]:
     mean_std = datasets.mean_std(config, source, train_split)
     class_names = list(source.info(train_split, eval_split).class_names)
   except UserError as e:
-    name = config.get("dataset")
-    if str(name).startswith(datasets.FOLDER_PREFIX):
-      fix = f"put the image folder back at {name[len(datasets.FOLDER_PREFIX):]}"
+    # Not the dataset's own message: it names train.py's flags (--config.manual_dir, ...).
+    name = str(config.get("dataset"))
+    if name.startswith(datasets.FOLDER_PREFIX):
+      where = name[len(datasets.FOLDER_PREFIX):]
+      problem, fix = f"the image folder {where} cannot be read", f"put it back at {where}"
     else:
-      fix = f"pass --data_dir=<the tfds data dir that holds {name}>"
-    raise UserError(f"this run predates the inference record in run_info.json, so its dataset is needed "
-                    f"for class names and normalisation, and it cannot be read ({e}); {fix}") from e
+      where = config.get("data_dir") or "the default tfds data dir"
+      problem, fix = f"{name} is not prepared in {where}", f"pass --data_dir=<the tfds data dir that holds {name}>"
+    raise UserError(f"this run predates the inference record in run_info.json, so prediction needs its "
+                    f"dataset for class names and normalisation, but {problem}; {fix}") from e
   return {"class_names": class_names, "channels": int(source.channels),
           "mean_std": [list(mean_std[0]), list(mean_std[1])] if mean_std else None,
           "eval_preprocess": {"eval_crop": config.get("eval_crop", "center"),

@@ -292,6 +292,10 @@ class DivergenceMonitor:
     self.best_loss = mean if self.best_loss is None else min(self.best_loss, mean)
     return None
 
+  def first_bad_step(self, step: int) -> int:
+    """The first step whose loss was bad, given that step `step`'s was (the divergence may be earlier)."""
+    return min(step, self.diverged["step"]) if self.diverged else step
+
   def record(self) -> Dict[str, Any]:
     """What a checkpoint's meta keeps, so a resumed run goes on comparing with the same history."""
     return {"best_loss": self.best_loss, "diverged": self.diverged, "sane": self.sane}

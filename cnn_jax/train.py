@@ -376,7 +376,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not _all_finite(state.params):
       raise NonFiniteError(
           f"parameters became non-finite at step {step} (loss and gradients were finite); "
-          f"{_last_good(manager, workdir, step + 1)}")
+          f"{_last_good(manager, workdir, monitor.first_bad_step(step + 1))}")
     ckpt_lib.save(manager, state, meta_now(step), metrics=metrics)
     last_saved = step
 
@@ -390,7 +390,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
         raise NonFiniteError(
             f"loss or gradient became non-finite at step {s} (loss={m['loss']}, grad_norm="
-            f"{m['grad_norm']}); {_last_good(manager, workdir, s)}")
+            f"{m['grad_norm']}); {_last_good(manager, workdir, monitor.first_bad_step(s))}")
     diverged = monitor.update([s for s, _ in pending], [float(m["loss"]) for m in fetched])
     if diverged:
       advice = _last_good(manager, workdir, diverged["step"])  # on every process: it waits for the saves
