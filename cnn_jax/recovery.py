@@ -36,14 +36,23 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # Held while a file is being replaced: an exit on a signal waits for it, so no .tmp file is left behind.
 _NO_EXIT = threading.Lock()
+_no_exit_owner: Optional[int] = None
+_deferred_exit: Optional[int] = None  # a signal that arrived in the owner's own thread, inside no_exit()
 _PROCESS_GUARD: Optional["StopRequest"] = None
 
 
 @contextlib.contextmanager
 def no_exit():
   """Defers an exit on a signal until the block ends (for writes that must not be cut in half)."""
+  global _no_exit_owner
   with _NO_EXIT:
-    yield
+    _no_exit_owner = threading.get_ident()
+    try:
+      yield
+    finally:
+      _no_exit_owner = None
+  if _deferred_exit is not None and _PROCESS_GUARD is not None:
+    _PROCESS_GUARD._exit(_deferred_exit)  # pylint: disable=protected-access
 
 
 def _exit_code(signum: int) -> int:
@@ -64,7 +73,9 @@ class StopRequest:
   Two modes:
     * command line (`guard_process()`, installed before TensorFlow/JAX start): SIGINT and SIGTERM are
       blocked in every thread and taken by one watcher thread with sigwait, so a signal acts while the main
-      thread is inside XLA. Outside the loop it exits the process (status 130 / 143) with one line.
+      thread is inside XLA. Outside the loop it exits the process (status 130 / 143) with one line. (A
+      thread started before the guard still takes signals; for those a Python handler does the same from
+      the main thread, once it is back from C.)
     * library (`train_and_evaluate` called in-process, e.g. by a test or a notebook): a Python handler
       records the signal; a signal during set-up stops the run before its first step, a second Ctrl-C in
       the loop raises KeyboardInterrupt. The previous handlers come back when the run ends.
@@ -81,8 +92,6 @@ class StopRequest:
     self.context = ""          # what an exit in set-up leaves behind, for its message
     self._polled_step: Optional[int] = None
     self._multi_process = False
-    self._seen = {"handler": 0, "watcher": 0}
-    self._acted = 0
     self._lock = threading.RLock()
     self._old = {}
 
@@ -96,6 +105,11 @@ class StopRequest:
       with guard._lock:
         guard.requested, guard.phase, guard._polled_step = None, "setup", None
         guard.context = f"nothing was trained, {workdir} is as it was"
+      if threading.current_thread() is threading.main_thread():
+        # Again: jax.distributed installs its own SIGTERM handler (its preemption notice), which would
+        # swallow a SIGTERM that reaches a thread started before the guard.
+        for sig in _SIGNALS:
+          signal.signal(sig, guard._on_signal)
       return guard
     return cls(exit_outside_loop=False)._install_handlers()
 
@@ -144,23 +158,21 @@ class StopRequest:
 
   # --- Receiving signals -----------------------------------------------------------------------------
 
+  # Each signal reaches exactly one receiver: the watcher (sigwait) when every thread blocks it, else the
+  # Python handler (a thread started before the guard, e.g. by a wrapper that imported TensorFlow first,
+  # does not block it; the handler then runs in the main thread).
+
   def _on_signal(self, signum, frame):
     del frame
-    self._seen["handler"] += 1
-    self._act(signum, self._seen["handler"], from_handler=True)
+    self._act(signum, from_handler=True)
 
   def _watch(self):
     while True:
-      signum = signal.sigwait(set(_SIGNALS))
-      self._seen["watcher"] += 1
-      self._act(signum, self._seen["watcher"], from_handler=False)
+      self._act(signal.sigwait(set(_SIGNALS)), from_handler=False)
 
-  def _act(self, signum: int, count: int, from_handler: bool) -> None:
+  def _act(self, signum: int, from_handler: bool) -> None:
     name = signal.Signals(signum).name
     with self._lock:
-      if count <= self._acted:  # the same signal, already seen by the other receiver
-        return
-      self._acted = count
       if self.phase == "loop" and self.requested is None:
         self.requested = name
         if self._multi_process:
@@ -177,9 +189,14 @@ class StopRequest:
         elif self.phase == "loop" and signum == signal.SIGINT and from_handler:
           raise KeyboardInterrupt  # a second Ctrl-C in-process stops at once, as Python's default would
         return
-    self._exit(signum, name)
+    self._exit(signum)
 
-  def _exit(self, signum: int, name: str) -> None:
+  def _exit(self, signum: int) -> None:
+    global _deferred_exit
+    if _no_exit_owner == threading.get_ident():  # this thread is replacing a file: finish that first
+      _deferred_exit = signum
+      return
+    name = signal.Signals(signum).name
     if self.phase == "loop":
       why = "again: exiting without waiting for the checkpoint in progress (the previous one is kept)"
     elif self.phase == "after":
@@ -206,9 +223,11 @@ def guard_process() -> Optional[StopRequest]:
   if _PROCESS_GUARD is not None or threading.current_thread() is not threading.main_thread():
     return _PROCESS_GUARD
   guard = StopRequest(exit_outside_loop=True)
+  _PROCESS_GUARD = guard
+  for sig in _SIGNALS:  # for threads started before now, which do not block the signals
+    signal.signal(sig, guard._on_signal)  # pylint: disable=protected-access
   signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
   threading.Thread(target=guard._watch, name="cnn_jax-signals", daemon=True).start()  # pylint: disable=protected-access
-  _PROCESS_GUARD = guard
   return guard
 
 
