@@ -244,7 +244,7 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
 
 
 def _saved_arrays(step_dir: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-  """{path: (shape, dtype)} of the arrays in `<step_dir>/state`, from Orbax's metadata; Damaged if unreadable."""
+  """{path: (shape, dtype)} of the arrays in `<step_dir>/state` (Orbax's metadata); Damaged if unreadable."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   try:
     with _quiet_failures():
@@ -455,6 +455,8 @@ def restore_latest(manager: ocp.CheckpointManager, state, expected: Dict[str, An
   steps = sorted(manager.all_steps(), reverse=True)
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_to_tree(state))
   newer, latest = [], steps[0] if steps else None
+  if restore_step is not None and restore_step > 0 and not steps:
+    raise UserError(f"--config.restore_step={restore_step}: {workdir} has no checkpoint to restore")
   if restore_step is not None and restore_step >= 0 and steps:
     try:
       done = any(r.get("to") == restore_step for r in _lineage(read_meta(manager, latest))["rewinds"])

@@ -185,7 +185,8 @@ def _record_from_dataset(config, data_dir: Optional[str]) -> Dict[str, Any]:
       problem, fix = f"the image folder {where} cannot be read", f"put it back at {where}"
     else:
       where = config.get("data_dir") or "the default tfds data dir"
-      problem, fix = f"{name} is not prepared in {where}", f"pass --data_dir=<the tfds data dir that holds {name}>"
+      problem = f"{name} is not prepared in {where}"
+      fix = f"pass --data_dir=<the tfds data dir that holds {name}>"
     raise UserError(f"this run predates the inference record in run_info.json, so prediction needs its "
                     f"dataset for class names and normalisation, but {problem}; {fix}") from e
   return {"class_names": class_names, "channels": int(source.channels),
@@ -278,8 +279,8 @@ class Predictor:
     if len(class_names) != num_classes:
       raise UserError(f"the run has {num_classes} classes but its record lists {len(class_names)} names")
     pre = record["eval_preprocess"]
-    fn = pipeline.eval_preprocess_fn(pre["eval_crop"], float(pre["eval_resize_ratio"]), int(pre["image_size"]),
-                                     channels, mean_std)
+    fn = pipeline.eval_preprocess_fn(pre["eval_crop"], float(pre["eval_resize_ratio"]),
+                                     int(pre["image_size"]), channels, mean_std)
     return cls(config, variables, class_names, lambda data: fn(decodable(data, channels)).numpy(), step)
 
   def preprocess(self, data: bytes) -> np.ndarray:

@@ -227,7 +227,8 @@ def guard_process() -> Optional[StopRequest]:
   for sig in _SIGNALS:  # for threads started before now, which do not block the signals
     signal.signal(sig, guard._on_signal)  # pylint: disable=protected-access
   signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-  threading.Thread(target=guard._watch, name="cnn_jax-signals", daemon=True).start()  # pylint: disable=protected-access
+  watch = guard._watch  # pylint: disable=protected-access
+  threading.Thread(target=watch, name="cnn_jax-signals", daemon=True).start()
   return guard
 
 

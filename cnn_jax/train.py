@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -418,12 +418,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     batch = first_batch
     while step < total_steps:
-      pacer.wait_for_room()  # step t waits for step t-2: a stop acts within about one step
+      if batch is None:
+        batch = next(train_iter)
+      # Step t waits for step t-2 (the batch is ready first, so the devices keep one step queued): a
+      # stop acts within about one step.
+      pacer.wait_for_room()
       stopped_by = stop.should_stop(step, config.log_every_steps)
       if stopped_by:
         break
-      if batch is None:
-        batch = next(train_iter)
       state, metrics = compiled(state, batch)
       pacer.dispatched(metrics)
       batch = None

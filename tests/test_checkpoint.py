@@ -538,8 +538,8 @@ def test_damaged_checkpoints_print_one_line_each_on_the_command_line(lenet_run, 
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   args = ["--config=configs/lenet.py:smoke", f"--workdir={wd}", f"--config.data_dir={fashion_mnist_dir}",
           "--config.train_split=train[:512]", "--config.eval_split=test[:128]", "--config.num_train_steps=8",
-          "--config.checkpoint_every_steps=2", "--config.eval_every_epochs=0.25", "--config.log_every_steps=2",
-          "--config.progress=false"]
+          "--config.checkpoint_every_steps=2", "--config.eval_every_epochs=0.25",
+          "--config.log_every_steps=2", "--config.progress=false"]
   proc = subprocess.run([sys.executable, "train.py"] + args, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -117,7 +117,8 @@ def test_a_run_without_the_record_names_only_predicts_flags(gray_run, tmp_path, 
   wd = _copy(gray_run, tmp_path)
   _dataset_moved(wd)
   path = os.path.join(wd, "run_info.json")
-  info = {k: v for k, v in json.load(open(path)).items() if k not in ("channels", "mean_std", "eval_preprocess")}
+  recorded = ("channels", "mean_std", "eval_preprocess")
+  info = {k: v for k, v in json.load(open(path)).items() if k not in recorded}
   json.dump(info, open(path, "w"))
   for step in (2, 4):
     meta_path = os.path.join(wd, "checkpoints", str(step), "meta", "metadata")
