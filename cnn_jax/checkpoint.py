@@ -223,12 +223,22 @@ def _quiet_failures():
     if not abandoned:
       previous(unraisable)
 
+  class _DropAbandonedReads(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for the other reads of a failed restore."""
+
+    def filter(self, record):
+      text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+      return "tensorstore_spec" not in text and f"{os.sep}orbax{os.sep}" not in text
+
+  asyncio_logger, quiet = logging.getLogger("asyncio"), _DropAbandonedReads()
   sys.unraisablehook = hook
+  asyncio_logger.addFilter(quiet)
   try:
     yield
   finally:
-    gc.collect()  # abandoned coroutines report now, while the hook is in place
+    gc.collect()  # abandoned coroutines and tasks report now, while the filters are in place
     sys.unraisablehook = previous
+    asyncio_logger.removeFilter(quiet)
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:

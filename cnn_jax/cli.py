@@ -111,7 +111,8 @@ class _NoLibraryTracebacks(logging.Filter):
   def filter(self, record):
     where = f"{os.sep}orbax{os.sep}"
     if record.name == "asyncio":  # "Task exception was never retrieved" of an Orbax read that failed
-      return where not in record.getMessage()
+      text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+      return where not in text and "tensorstore_spec" not in text
     return not (record.exc_info and where in (record.pathname or ""))
 
 
