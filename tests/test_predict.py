@@ -48,9 +48,11 @@ def _png(tmp_path, mode="L"):
 def _dataset_moved(workdir):
   """Points the run's config at a data dir that does not exist, as after moving the dataset away."""
   path = os.path.join(workdir, "config.json")
-  config = json.load(open(path))
+  with open(path) as f:
+    config = json.load(f)
   config["data_dir"] = "/nonexistent/tfds"
-  json.dump(config, open(path, "w"))
+  with open(path, "w") as f:
+    json.dump(config, f)
 
 
 def test_prediction_needs_nothing_but_the_run_folder(gray_run, tmp_path, monkeypatch):
@@ -118,13 +120,17 @@ def test_a_run_without_the_record_names_only_predicts_flags(gray_run, tmp_path, 
   _dataset_moved(wd)
   path = os.path.join(wd, "run_info.json")
   recorded = ("channels", "mean_std", "eval_preprocess")
-  info = {k: v for k, v in json.load(open(path)).items() if k not in recorded}
-  json.dump(info, open(path, "w"))
+  with open(path) as f:
+    info = {k: v for k, v in json.load(f).items() if k not in recorded}
+  with open(path, "w") as f:
+    json.dump(info, f)
   for step in (2, 4):
     meta_path = os.path.join(wd, "checkpoints", str(step), "meta", "metadata")
-    meta = json.load(open(meta_path))
+    with open(meta_path) as f:
+      meta = json.load(f)
     meta.pop("inference")
-    json.dump(meta, open(meta_path, "w"))
+    with open(meta_path, "w") as f:
+      json.dump(meta, f)
   capfd.readouterr()
   status = cli.run(predict.Predictor.from_run, workdir=wd)
   err = capfd.readouterr().err.strip().splitlines()
