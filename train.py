@@ -8,8 +8,10 @@ r"""Trains one of cnn_jax's networks.
 Multi-process (one process per host, all with the same flags): see docs/multihost.md.
 """
 
+import os
 import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -31,10 +33,58 @@ flags.DEFINE_integer("cpu_devices", None, "Number of (fake) CPU devices, for tes
 flags.mark_flags_as_required(["config"])
 
 
+def _user_frame(frames, config_path: str):
+  """(file, line) of the innermost frame in the config file or the project's code, else None."""
+  config_path = os.path.abspath(config_path) if config_path else None
+  here = os.path.abspath(__file__)
+
+  def ours(filename):
+    return (not filename.startswith("<") and os.path.abspath(filename) != here
+            and "site-packages" not in filename and not filename.startswith(sys.base_prefix))
+
+  frames = [(f, int(n)) for f, n in frames]
+  for want in (lambda f: config_path and os.path.abspath(f) == config_path, ours):
+    chosen = [(f, n) for f, n in frames if want(f)]
+    if chosen:
+      return chosen[-1]
+  return None
+
+
+def _config_file_error_line(error: BaseException, argv) -> str:
+  """'file:line: Type: message' for an error raised by the --config file itself (SyntaxError,
+  ImportError, NameError, ...), instead of a 40-line traceback."""
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+  path = spec.split(":", 1)[0]
+  if isinstance(error, AttributeError) and "get_config" in str(error):
+    return f"--config={path}: the file defines no get_config(arg=None) function returning the config"
+  if isinstance(error, SyntaxError) and error.filename:
+    where = (error.filename, error.lineno or 0)
+    message = error.msg
+  else:
+    text = str(error).strip()
+    # ml_collections re-raises a config file's TypeError/ValueError with the traceback in its message.
+    frames = re.findall(r'File "([^"]+)", line (\d+)', text) or [
+        (f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+    where = _user_frame(frames, path)
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    message = lines[-1] if lines else type(error).__name__
+    prefix = f"{type(error).__name__}: "
+    message = message[len(prefix):] if message.startswith(prefix) else message
+  if where is None:
+    return f"--config={path}: {type(error).__name__}: {message}"
+  filename = os.path.relpath(where[0]) if not os.path.relpath(where[0]).startswith("..") else where[0]
+  return f"{filename}:{where[1]}: {type(error).__name__}: {message}"
+
+
 def _flag_error_line(error: BaseException, argv) -> str:
   """One line for a command-line error (absl would print 'FATAL Flags parsing error' and, for a bad
   config file or an unknown --config.FIELD, a traceback)."""
   text = str(error).strip()
+  if isinstance(error, AttributeError) and "get_config" in text:
+    return _config_file_error_line(error, argv)
+  if "--config must have a value other than None" in text:  # get_config() returned None
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+    return f"--config={spec.split(':', 1)[0]}: get_config() returned None (a missing return?)"
   if isinstance(error, (AttributeError, KeyError)):
     # ml_collections: an override names a field the config does not have. The message is a repr of
     # "'field'" plus, for a near miss, 'Did you mean "x" instead of "y"?'.
@@ -51,12 +101,18 @@ def _flag_error_line(error: BaseException, argv) -> str:
     return f"--config: cannot load the config file: {lines[-1]}"
   if len(lines) > 1:  # a config file's traceback: its last line is the exception
     first = lines[0].rstrip(":")
-    return f"{first}: {lines[-1]}" if first.startswith("flag ") else lines[-1]
+    if first.startswith("flag "):
+      return f"{first}: {lines[-1]}"
+    return _config_file_error_line(error, argv)
   return lines[0] if lines else type(error).__name__
 
 
 def _parse_flags(argv):
   """absl flag parsing with every failure reduced to one 'error: ...' line and exit status 2."""
+  # First of all: Ctrl-C / SIGTERM from here on exit cleanly (status 130 / 143) instead of raising
+  # KeyboardInterrupt wherever the interpreter happens to be (see cnn_jax/recovery.py).
+  from cnn_jax import recovery  # pylint: disable=g-import-not-at-top
+  recovery.guard_process()
   try:
     args = FLAGS(argv)
     if FLAGS["config"].present:
@@ -64,6 +120,10 @@ def _parse_flags(argv):
     return args
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     print(f"error: {_flag_error_line(e, argv)} (see --helpshort)", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file's own error (SyntaxError, ImportError, NameError, ...): its file and line.
+    print(f"error: {_config_file_error_line(e, argv)}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 

@@ -1,8 +1,9 @@
 """Process start-up shared by the command-line entry points.
 
-`setup_runtime` sets the (fake) CPU device count and joins the multi-process
-runtime (jax.distributed) when asked; `run(fn, ...)` turns a `UserError` into one line on stderr and exit
-status 2 (NaN/Inf: status 3; Ctrl-C during set-up: 130), with no traceback.
+`setup_runtime` guards the process against signals (cnn_jax.recovery.guard_process), sets the (fake) CPU
+device count and joins the multi-process runtime (jax.distributed) when asked; `run(fn, ...)` turns a `UserError` into one line on stderr and exit status 2 (NaN/Inf: status 3),
+with no traceback. Signals: during set-up SIGINT exits with 130 and SIGTERM with 143 at once; during
+training either stops after the step in flight, saves and exits 0; a second one exits at once (130 / 143).
 
 Multi-process: one process per host (or per GPU), all started with the same flags. The coordinator
 (process 0's host:port) and the process count/index come from --coordinator_address/--num_processes/
@@ -20,7 +21,7 @@ from cnn_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
-EXIT_INTERRUPTED = 130  # the shell's status for SIGINT
+EXIT_INTERRUPTED = 130  # the shell's status for SIGINT (cnn_jax.recovery.EXIT_SIGINT)
 
 # Environment variables by which a cluster launcher tells JAX it is one of several processes;
 # `jax.distributed.initialize()` auto-detects the coordinator from them.
@@ -53,6 +54,9 @@ def setup_runtime(coordinator_address=None, num_processes=None, process_id=None,
   distributed: 'auto' joins when a coordinator is given or a cluster launcher is detected;
   'on' always calls jax.distributed.initialize() (auto-detection); 'off' never does.
   """
+  # Before TensorFlow and JAX start their threads, which inherit the blocked signals (see recovery).
+  from cnn_jax import recovery  # pylint: disable=g-import-not-at-top
+  recovery.guard_process()
   # Flags first: a mistake is reported before TensorFlow and JAX take seconds to start.
   explicit = coordinator_address is not None
   detected = _cluster_size_from_env() if distributed == "auto" else None
@@ -106,7 +110,8 @@ class _NoLibraryTracebacks(logging.Filter):
   def filter(self, record):
     where = f"{os.sep}orbax{os.sep}"
     if record.name == "asyncio":  # "Task exception was never retrieved" of an Orbax read that failed
-      return where not in record.getMessage()
+      text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+      return where not in text and "tensorstore_spec" not in text
     return not (record.exc_info and where in (record.pathname or ""))
 
 

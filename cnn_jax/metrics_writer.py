@@ -64,6 +64,27 @@ def rewind_tensorboard(logdir: str, step: int) -> int:
   return dropped
 
 
+def rewind(workdir: str, step: int) -> None:
+  """Drops every record after `step` from `<workdir>/metrics.jsonl` and its TensorBoard events: a resumed
+  run writes them again, so no step appears twice in either."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          kept.append(line)
+      except ValueError:
+        pass  # a line torn by kill -9
+    if len(kept) != len(lines):
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+  rewind_tensorboard(os.path.join(workdir, "tb"), step)
+
+
 class MetricsWriter:
   """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (`<workdir>/tb`); no-op if not enabled."""
 

@@ -7,6 +7,12 @@ r"""Classifies image files with a trained run: top-k classes and their probabili
 
 Images go through the same preprocessing as eval (cnn_jax.data.pipeline.eval_preprocess_fn: decode,
 centre crop or ten crops, resize, normalise), and ten-crop logits are averaged as in the eval step.
+
+Self-contained: the training loop records in run_info.json (and in every checkpoint's meta) what prediction
+needs, `inference_record`: class names, channels, normalisation mean/std and the eval preprocessing. So a
+run predicts after its dataset was moved or deleted; the dataset is never listed or rebuilt. Only runs
+written before that record fall back to reading the dataset's metadata (--data_dir if it moved).
+A damaged newest checkpoint is skipped with one warning line (checksums verified, cnn_jax.checkpoint).
 """
 
 import dataclasses
@@ -27,6 +33,7 @@ class CheckpointRef:
   directory: str
   step: int
   workdir: Optional[str]
+  explicit: bool = True  # named by the user (or the best by metrics): not silently replaced if damaged
 
 
 def _steps(directory: str) -> List[int]:
@@ -35,6 +42,27 @@ def _steps(directory: str) -> List[int]:
     return []
   return sorted(int(d) for d in os.listdir(directory)
                 if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
+
+
+def inference_record(config, info) -> Dict[str, Any]:
+  """What prediction needs besides the weights, recorded by the training loop in run_info.json.
+
+  {'class_names': [...], 'channels': 1 | 3 (what images are decoded to), 'mean_std': [[mean], [std]] or
+  None, 'eval_preprocess': {'eval_crop', 'eval_resize_ratio', 'image_size'}}. `info` is the run's
+  cnn_jax.data.DatasetInfo; the dataset's source is opened for its channel count and normalisation only.
+  """
+  from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  source = datasets.get_source(config)
+  train_split, _ = datasets.resolve_splits(config, source)
+  mean_std = datasets.mean_std(config, source, train_split)
+  return {
+      "class_names": list(info.class_names or []),
+      "channels": int(source.channels),
+      "mean_std": [list(map(float, mean_std[0])), list(map(float, mean_std[1]))] if mean_std else None,
+      "eval_preprocess": {"eval_crop": config.get("eval_crop", "center"),
+                          "eval_resize_ratio": float(config.get("eval_resize_ratio", 1.0)),
+                          "image_size": int(config.image_size)},
+  }
 
 
 def _best_eval_step(workdir: Optional[str], available: Sequence[int]) -> Optional[int]:
@@ -77,40 +105,37 @@ def find_checkpoint(workdir: Optional[str] = None, checkpoint: Optional[str] = N
   else:
     directory, run_dir = path, os.path.dirname(path)
   steps = _steps(directory)
+  explicit = step is not None
   if step is None:
     if not steps:
       raise UserError(f"no complete checkpoint in {directory}; has the run saved one yet?")
     step = steps[-1]
     if which == "best":
-      step = _best_eval_step(run_dir, steps) or step
+      best = _best_eval_step(run_dir, steps)
+      explicit = best is not None  # the best one is named by the metrics, so a damaged one is reported
+      step = best or step
   return CheckpointRef(directory=directory, step=step,
-                       workdir=run_dir if os.path.exists(os.path.join(run_dir, "config.json")) else None)
+                       workdir=run_dir if os.path.exists(os.path.join(run_dir, "config.json")) else None,
+                       explicit=explicit)
 
 
-def load_variables(ref: CheckpointRef) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  """({'params': ..., 'batch_stats'?: ...} as numpy, the checkpoint's meta dict).
+def load_variables(ref: CheckpointRef) -> Tuple[Dict[str, Any], Dict[str, Any], int]:
+  """({'params': ..., 'batch_stats'?: ...} as numpy, the checkpoint's meta dict, the step read).
 
-  Restored as plain numpy arrays, so a checkpoint written on 8 devices loads on one.
+  Restored as plain numpy arrays (a checkpoint written on 8 devices loads on one), checksums verified.
+  The newest checkpoint of a run folder, when damaged, is skipped for the previous one (one warning
+  line); a checkpoint named explicitly is an error naming the earlier ones.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  step_dir = os.path.join(ref.directory, str(ref.step))
-  try:
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = checkpointer.restore(os.path.join(step_dir, "state"),
-                                 args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"cannot read checkpoint {step_dir} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
-  meta = {}
-  if os.path.isdir(os.path.join(step_dir, "meta")):
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "meta")) or {}
+  from cnn_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  flag = "--checkpoint"
+  if ref.explicit:
+    step, state, meta = ckpt_lib.read_newest_good(ref.directory, ref.step, flag)
+  else:
+    step, state, meta = ckpt_lib.read_newest_good(ref.directory, None, flag)
   variables = {"params": state["params"]}
   if state.get("batch_stats") is not None:
     variables["batch_stats"] = state["batch_stats"]
-  return variables, meta
+  return variables, meta, step
 
 
 def load_config(ref: CheckpointRef, meta: Dict[str, Any]):
@@ -131,6 +156,70 @@ def _run_info(ref: CheckpointRef) -> Dict[str, Any]:
     with open(path) as f:
       return json.load(f)
   return {}
+
+
+_RECORD_KEYS = ("class_names", "channels", "mean_std", "eval_preprocess")
+
+
+def _record_from_dataset(config, data_dir: Optional[str]) -> Dict[str, Any]:
+  """The inference record of a run trained before it was recorded: from its dataset's metadata.
+
+  Never prepares or downloads the dataset; if it cannot be read the error names predict.py's own flag.
+  """
+  from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.manual_dir, config.download = "", False  # read what is there; never rebuild it
+    if data_dir:
+      config.data_dir = data_dir
+  try:
+    source = datasets.get_source(config)
+    train_split, eval_split = datasets.resolve_splits(config, source)
+    mean_std = datasets.mean_std(config, source, train_split)
+    class_names = list(source.info(train_split, eval_split).class_names)
+  except UserError as e:
+    # Not the dataset's own message: it names train.py's flags (--config.manual_dir, ...).
+    name = str(config.get("dataset"))
+    if name.startswith(datasets.FOLDER_PREFIX):
+      where = name[len(datasets.FOLDER_PREFIX):]
+      problem, fix = f"the image folder {where} cannot be read", f"put it back at {where}"
+    else:
+      where = config.get("data_dir") or "the default tfds data dir"
+      problem = f"{name} is not prepared in {where}"
+      fix = f"pass --data_dir=<the tfds data dir that holds {name}>"
+    raise UserError(f"this run predates the inference record in run_info.json, so prediction needs its "
+                    f"dataset for class names and normalisation, but {problem}; {fix}") from e
+  return {"class_names": class_names, "channels": int(source.channels),
+          "mean_std": [list(mean_std[0]), list(mean_std[1])] if mean_std else None,
+          "eval_preprocess": {"eval_crop": config.get("eval_crop", "center"),
+                              "eval_resize_ratio": float(config.get("eval_resize_ratio", 1.0)),
+                              "image_size": int(config.image_size)}}
+
+
+def decodable(data: bytes, channels: int) -> bytes:
+  """`data` as bytes the eval pipeline decodes right: CMYK JPEGs (which TF cannot decode to one channel
+  and decodes to wrong colours as three) and anything else TF rejects are converted with PIL to PNG."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      mode = image.mode
+  except Exception:  # pylint: disable=broad-except
+    mode = None
+  if mode != "CMYK":
+    try:
+      tf.io.decode_image(data, channels=channels, expand_animations=False)
+      return data
+    except (tf.errors.InvalidArgumentError, ValueError):
+      pass
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      out = io.BytesIO()
+      image.convert("L" if channels == 1 else "RGB").save(out, format="PNG")
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"an image could not be decoded ({type(e).__name__}: {e})") from e
+  return out.getvalue()
 
 
 def read_image(path: str) -> bytes:
@@ -172,32 +261,27 @@ class Predictor:
   @classmethod
   def from_run(cls, workdir: Optional[str] = None, checkpoint: Optional[str] = None, which: str = "latest",
                data_dir: Optional[str] = None) -> "Predictor":
-    """Loads a run's config and checkpoint; `data_dir` overrides where the dataset's metadata is read."""
-    from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    """Loads a run's config, checkpoint and inference record (see `inference_record`).
+
+    `data_dir` only matters for runs trained before the record existed: where their dataset's metadata
+    is read (class names, channels, normalisation).
+    """
     from cnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     ref = find_checkpoint(workdir, checkpoint, which)
-    variables, meta = load_variables(ref)
+    variables, meta, step = load_variables(ref)
     config = load_config(ref, meta)
-    if data_dir:
-      config.data_dir = data_dir
     info = _run_info(ref)
-    # Class names, channel count and normalisation come from run_info.json when the loop records them;
-    # otherwise from the dataset itself (its metadata only: no image is read).
-    class_names, channels, mean_std = info.get("class_names"), info.get("channels"), info.get("mean_std")
-    if class_names is None or channels is None or "mean_std" not in info:
-      source = datasets.get_source(config)
-      train_split, eval_split = datasets.resolve_splits(config, source)
-      class_names = class_names or source.info(train_split, eval_split).class_names
-      channels = channels or source.channels
-      if "mean_std" not in info:
-        mean_std = datasets.mean_std(config, source, train_split)
-    num_classes = info.get("num_classes", len(class_names))
+    record = {**(meta.get("inference") or {}), **{k: info[k] for k in _RECORD_KEYS if k in info}}
+    if not all(k in record for k in _RECORD_KEYS):
+      record = {**_record_from_dataset(config, data_dir), **record}
+    class_names, channels, mean_std = record["class_names"], int(record["channels"]), record["mean_std"]
+    num_classes = info.get("num_classes", meta.get("num_classes", len(class_names)))
     if len(class_names) != num_classes:
-      raise UserError(f"the run has {num_classes} classes but its dataset lists {len(class_names)} names")
-    fn = pipeline.eval_preprocess_fn(config.get("eval_crop", "center"),
-                                     float(config.get("eval_resize_ratio", 1.0)), int(config.image_size),
-                                     int(channels), mean_std)
-    return cls(config, variables, class_names, lambda data: fn(data).numpy(), ref.step)
+      raise UserError(f"the run has {num_classes} classes but its record lists {len(class_names)} names")
+    pre = record["eval_preprocess"]
+    fn = pipeline.eval_preprocess_fn(pre["eval_crop"], float(pre["eval_resize_ratio"]),
+                                     int(pre["image_size"]), channels, mean_std)
+    return cls(config, variables, class_names, lambda data: fn(decodable(data, channels)).numpy(), step)
 
   def preprocess(self, data: bytes) -> np.ndarray:
     """Encoded image -> float32 [S, S, 3] (or [10, S, S, 3] with ten-crop eval), exactly as eval does."""

@@ -8,11 +8,10 @@ import functools
 import json
 import logging
 import os
-import signal
 import socket
-import threading
+import sys
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +25,13 @@ from cnn_jax import models
 from cnn_jax.models import summary as model_summary
 from cnn_jax import ops
 from cnn_jax import perf
+from cnn_jax import predict as predict_lib
+from cnn_jax import recovery
 from cnn_jax import sharding as shd
 from cnn_jax import steps as steps_lib
 from cnn_jax.errors import UserError
 from cnn_jax.fingerprint import architecture, fingerprint
+from cnn_jax import metrics_writer
 from cnn_jax.metrics_writer import MetricsWriter
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -37,50 +39,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 class NonFiniteError(RuntimeError):
   """Loss or gradient norm became NaN/Inf; the message names the first bad step."""
-
-
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop polls between steps (the step in flight finishes).
-
-  With several processes the flag of any one of them stops all of them at the same step: they compare
-  flags (one tiny allgather) only at log steps, where the loop synchronises with the devices anyway, so
-  every process runs the same number of collective steps and none waits forever for the others. (JAX's
-  own preemption notice, `multihost_utils.reached_preemption_sync_point`, covers SIGTERM only; this
-  covers Ctrl-C too and is the same on one process and many.)
-  """
-
-  def __init__(self):
-    self.requested = None
-    self.loop_started = False
-    self._old = {}
-
-  def install(self):
-    if threading.current_thread() is not threading.main_thread():
-      return self
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._old[sig] = signal.signal(sig, self._handler)
-    return self
-
-  def _handler(self, signum, frame):
-    del frame
-    if signum == signal.SIGINT and (self.requested is not None or not self.loop_started):
-      raise KeyboardInterrupt  # Ctrl-C during set-up, or a second one, stops at once
-    self.requested = signal.Signals(signum).name
-
-  def should_stop(self, step: int, every: int) -> Optional[str]:
-    """The signal name if the run must stop before `step` + 1; all processes get the same answer."""
-    if jax.process_count() == 1:
-      return self.requested
-    if step % every:
-      return None
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
-    return (self.requested or "a signal to another process") if np.any(flags) else None
-
-  def uninstall(self):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-    self._old.clear()
 
 
 class _WorkdirLock:
@@ -126,9 +84,10 @@ def _identity(config, num_classes: int) -> Dict[str, Any]:
 
 def _write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  with recovery.no_exit():  # a signal during set-up exits the process, but not half-way through this
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -142,11 +101,21 @@ def _prepare_workdir(workdir: str) -> None:
     raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from e
 
 
-def _last_good(manager, workdir: str) -> str:
-  latest = manager.latest_step()
-  if latest is None:
-    return "no checkpoint was written before it."
-  return f"the last good checkpoint (step {latest}) in {os.path.join(workdir, 'checkpoints')} is kept."
+def _last_good(manager, workdir: str, bad_step: int) -> str:
+  """Where to go back to after the loss went bad at `bad_step`, as advice that works.
+
+  Checkpoint c holds the parameters that produced the loss of step c + 1, so the last good one is at most
+  bad_step - 2, and none marked as diverged (recovery.DivergenceMonitor) counts.
+  """
+  _wait_quietly(manager)
+  good = ckpt_lib.last_good_step(manager, bad_step - 2)
+  if good is None:
+    return ("no good checkpoint was written before it: start again with --config.restore_step=0 (the "
+            "checkpoints are moved aside, not deleted) and a lower --config.optimizer.learning_rate")
+  where = os.path.join(os.path.abspath(workdir), "checkpoints", str(good))
+  return (f"the last good checkpoint is step {good}: rerun with --config.restore_step={good} and a lower "
+          f"--config.optimizer.learning_rate, or clip gradients in a new --workdir with "
+          f"--config.init_from={where} --config.optimizer.grad_clip_norm=1")
 
 
 def _wait_quietly(manager) -> None:
@@ -166,6 +135,17 @@ def _check_loop_config(config) -> None:
     raise UserError(f"--config.eval_every_epochs={config.eval_every_epochs!r} must be > 0")
   if config.num_train_steps <= 0 and not config.num_epochs > 0:
     raise UserError("set --config.num_epochs > 0 or --config.num_train_steps > 0")
+  for field in ("batch_size", "eval_batch_size"):
+    value = config.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UserError(f"--config.{field}={value!r} must be a whole number >= 1 (the global batch)")
+  lr = config.optimizer.learning_rate
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr >= 0):
+    raise UserError(f"--config.optimizer.learning_rate={lr!r} must be a finite number >= 0")
+  restore_step = config.get("restore_step", -1)
+  if isinstance(restore_step, bool) or not isinstance(restore_step, int) or restore_step < -1:
+    raise UserError(f"--config.restore_step={restore_step!r} must be -1 (the newest checkpoint), 0 (start "
+                    "afresh) or a checkpoint's step")
 
 
 def build_model(config, num_classes: int):
@@ -174,26 +154,6 @@ def build_model(config, num_classes: int):
     raise UserError(f"--config.dtype={config.dtype!r} is not one of {sorted(_DTYPES)}")
   kwargs = dict(config.model_kwargs.to_dict())
   return models.get_model(config.model, num_classes, dtype=_DTYPES[config.dtype], **kwargs)
-
-
-def _rewind_metrics(workdir: str, step: int) -> None:
-  """Drops metrics.jsonl records after `step`: a resumed run writes them again, so none appear twice."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    try:
-      if json.loads(line).get("step", 0) <= step:
-        kept.append(line)
-    except ValueError:
-      pass  # a line torn by kill -9
-  if len(kept) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def _all_finite(tree) -> bool:
@@ -219,17 +179,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   devices, so a run's numbers do not depend on the device count (pmap-era code used per-device statistics).
   """
   _prepare_workdir(workdir)
-  # Installed before the (possibly long) set-up, so a SIGTERM then still ends cleanly with status 0.
-  stop = _StopRequest().install()
+  # Before the (possibly long) set-up: a signal then ends the process cleanly (command line) or the run
+  # before its first step (in-process); see cnn_jax.recovery.
+  stop = recovery.StopRequest.for_run(workdir)
   try:
     with _WorkdirLock(workdir):
       return _train_and_evaluate(config, workdir, stop)
   finally:
-    stop.uninstall()
+    stop.release()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        stop: "_StopRequest") -> Dict[str, Any]:
+                        stop: recovery.StopRequest) -> Dict[str, Any]:
   t_start = time.time()
   is_main = jax.process_index() == 0
   config = config.copy_and_resolve_references()
@@ -271,11 +232,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --- Restore: this workdir's latest checkpoint, else `init_from` -------------------------------
   identity = _identity(config, info.num_classes)
   fp = fingerprint(config)
-  identity_soft = {**identity, "dataset": info.name, "fingerprint_fields": fp["fields"]}
+  identity_soft = {**identity, "dataset": info.name, "fingerprint_fields": fp["fields"],
+                   "config": config.to_json_best_effort()}
   manager = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints,
                                   async_save=config.get("checkpoint_async", True))
-  state, meta = ckpt_lib.restore_latest(manager, state, identity_soft, workdir)
+  state, meta, lineage = ckpt_lib.restore_latest(
+      manager, state, identity_soft, workdir, restore_step=config.get("restore_step", -1),
+      allow_config_change=bool(config.get("allow_config_change", False)))
   start_step = int(jax.device_get(state.step))
+  if is_main:
+    metrics_writer.rewind(workdir, start_step)  # also when nothing was restored: no record twice
   if meta is not None:
     logging.info("resumed from step %d in %s", start_step, workdir)
     if meta.get("num_processes", jax.process_count()) != jax.process_count():
@@ -284,11 +250,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.warning("resuming a %d-process run with %d processes: the input order changes",
                       meta["num_processes"], jax.process_count())
     if is_main:
-      _rewind_metrics(workdir, start_step)
       print(f"Resuming {workdir} from step {start_step}.", flush=True)
   elif config.get("init_from"):
     state = ckpt_lib.init_from(state, config.init_from)
 
+  inference = predict_lib.inference_record(config, info)  # all prediction needs, with no dataset at hand
   run_info = {
       "input": inp.mode, "model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "dataset": info.name,
       "num_classes": info.num_classes, "class_names": list(info.class_names or []),
@@ -297,8 +263,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(),
       "num_devices": jax.device_count(), "num_processes": jax.process_count(),
       "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-      "fingerprint": fp["hash"], "fingerprint_fields": fp["fields"], "architecture": architecture(config),
+      "fingerprint": recovery.run_fingerprint(fp["hash"], lineage), "fingerprint_fields": fp["fields"],
+      "architecture": architecture(config),
       "layer_order": list(steps_lib.layers(state.params)),
+      **inference, **lineage,
   }
 
   # --- Compile the steps over the mesh ----------------------------------------------------------
@@ -347,12 +315,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # the train side of the train-test gap the overfitting ablations compare.
   train_eval_split = config.get("eval_train_split") or None
   last_train_eval = None
+  monitor = recovery.DivergenceMonitor(info.num_classes, (meta or {}).get("divergence"))
+  pacer = recovery.DispatchBound(depth=2)
 
   def meta_now(step):
     return {**identity, "step": step, "pipeline": {"seed": config.seed, "next_step": step},
             "fingerprint": fp["hash"], "fingerprint_fields": fp["fields"], "dataset": info.name,
             "best": best,
-            "num_processes": jax.process_count(), "config": config.to_json_best_effort()}
+            "num_processes": jax.process_count(), "config": config.to_json_best_effort(),
+            "divergence": monitor.record(), "lineage": lineage, "inference": inference}
 
   def save_checkpoint(step, metrics=None):
     """Saves the state after `step` unless already saved; never a non-finite one."""
@@ -363,8 +334,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not _all_finite(state.params):
       raise NonFiniteError(
           f"parameters became non-finite at step {step} (loss and gradients were finite); "
-          f"{_last_good(manager, workdir)} Lower --config.optimizer.learning_rate or set "
-          "--config.optimizer.grad_clip_norm")
+          f"{_last_good(manager, workdir, monitor.first_bad_step(step + 1))}")
     ckpt_lib.save(manager, state, meta_now(step), metrics=metrics)
     last_saved = step
 
@@ -378,8 +348,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
         raise NonFiniteError(
             f"loss or gradient became non-finite at step {s} (loss={m['loss']}, grad_norm="
-            f"{m['grad_norm']}); {_last_good(manager, workdir)} "
-            "Lower --config.optimizer.learning_rate or set --config.optimizer.grad_clip_norm")
+            f"{m['grad_norm']}); {_last_good(manager, workdir, monitor.first_bad_step(s))}")
+    diverged = monitor.update([s for s, _ in pending], [float(m["loss"]) for m in fetched])
+    if diverged:
+      advice = _last_good(manager, workdir, diverged["step"])  # on every process: it waits for the saves
+      if is_main:
+        print(f"warning: the training loss exploded at step {diverged['step']} (mean "
+              f"{diverged['interval_loss']:.4g} over the log interval, best before "
+              f"{diverged['best_loss']:.4g}): the run is diverging; {advice}", file=sys.stderr, flush=True)
     dt = time.time() - t_log
     train_time += dt
     n = len(pending)
@@ -393,13 +369,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     n_log = 0
     t_log = time.time()
 
-  stop.loop_started = True
+  stop.enter_loop()
   try:
     while step < total_steps:
+      train_step.prepare(step)
+      # Step t waits for step t-2 (its input is ready first, so the devices keep one step queued): a
+      # stop acts within about one step.
+      pacer.wait_for_room()
       stopped_by = stop.should_stop(step, config.log_every_steps)
       if stopped_by:
         break
       state, metrics = train_step(state, step)
+      pacer.dispatched(metrics)
       step += 1
       if step == start_step + 1:
         progress.first_step(metrics, config.log_every_steps)
@@ -433,6 +414,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt_lib.wait(manager)
   finally:
     progress.close()
+    stop.leave_loop()
     writer.close()
 
   if stopped_by:
@@ -456,7 +438,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "best_step": best["step"] or step, "steps": step, "eval_examples": last_eval["count"],
       "train_img_per_s": (step - start_step) * config.batch_size / train_time if train_time else None,
       "wall_s": time.time() - t_start, "device_kind": run_info["device_kind"],
-      "num_devices": run_info["num_devices"], "fingerprint": fp["hash"],
+      "num_devices": run_info["num_devices"], "fingerprint": run_info["fingerprint"],
+      "diverged": monitor.diverged, **lineage,
   }
   if last_train_eval is not None:
     summary.update(train_eval_split=train_eval_split, train_eval_top1=last_train_eval["top1"],
@@ -468,4 +451,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"top-5 {summary['final_top5']:.4f} (best top-1 {summary['best_top1']:.4f} at step "
           f"{summary['best_step']}), {n_params:,} params, "
           f"{summary['train_img_per_s'] or 0:.0f} img/s, wall {summary['wall_s']:.0f}s", flush=True)
+    if monitor.diverged:
+      print(f"warning: the training loss diverged at step {monitor.diverged['step']} (summary.json "
+            "'diverged'); these numbers are not those of a healthy run", file=sys.stderr, flush=True)
   return summary

@@ -150,6 +150,8 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None):
   config.keep_checkpoints = 3     # the last N, plus the best by eval top-1
   config.checkpoint_async = True  # write checkpoints in a background thread while training goes on
   config.init_from = config_dict.placeholder(str)         # another run's workdir or checkpoint: start from its weights.
+  config.restore_step = -1        # resume from this checkpoint step (later ones moved aside); -1 newest, 0 afresh.
+  config.allow_config_change = False  # resume even if dataset/train_split/batch_size changed (recorded).
   config.progress = True          # a live progress line on process 0
   config.log_grad_norms = False   # also log 'grad_norm/<layer>' for every layer (train records)
 

@@ -64,6 +64,17 @@ def steps_in(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+def tensorboard_points(workdir):
+  """[(tag, step)] of every scalar in the run's TensorBoard event files."""
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  tb = os.path.join(workdir, "tb")
+  points = []
+  for name in sorted(os.listdir(tb)):
+    for event in event_file_loader.EventFileLoader(os.path.join(tb, name)).Load():
+      points += [(v.tag, event.step) for v in event.summary.value]
+  return points
+
+
 def records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [{k: v for k, v in json.loads(l).items() if k not in _TIMING_KEYS} for l in f]
@@ -214,6 +225,8 @@ def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache,
   assert tail(run_records) == tail(ref_records) and tail(ref_records)
   run_steps = [(r["split"], r["step"]) for r in run_records]
   assert len(run_steps) == len(set(run_steps))
+  points = tensorboard_points(run_dir)
+  assert len(points) == len(set(points)) and set(points) == set(tensorboard_points(ref_dir))
 
 
 # --- In-process scenarios on one small finished run -------------------------------------------------
@@ -337,7 +350,9 @@ def test_nonfinite_loss_stops_with_status_3_and_keeps_last_good(fashion_mnist_di
   status = cli.run(cli.train_main, config, wd)
   err = [l for l in capfd.readouterr().err.splitlines() if l.startswith("error:")]
   assert status == cli.EXIT_NONFINITE and len(err) == 1, err
-  assert "non-finite at step" in err[0] and "last good checkpoint" in err[0], err
+  # The way back: a good checkpoint to restore, or (here: checkpoint 1's weights already gave an exploded
+  # loss at step 2) starting afresh; checkpoints are never deleted for it.
+  assert "non-finite at step" in err[0] and "--config.restore_step=" in err[0], err
   bad_step = int(err[0].split("at step ")[1].split(" ")[0])
   kept = steps_in(wd)
   assert kept and max(kept) < bad_step
@@ -374,3 +389,184 @@ def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
       train.train_and_evaluate(_config("lenet"), wd)
   with train._WorkdirLock(wd):  # released, so it can be taken again
     pass
+
+
+# --- Issue #14: never discard progress, trust only verified checkpoints -----------------------------
+
+def _workdir_snapshot(directory):
+  """Every file of a workdir with its size and mtime, except the lock (each start rewrites it)."""
+  return {k: v for k, v in _snapshot(directory).items() if k != ".lock"}
+
+
+@pytest.mark.parametrize("field,value", [("optimizer.grad_clip_norm", 1.0), ("optimizer.weight_decay", 0.0)])
+def test_optimizer_structure_change_is_refused_not_taken_for_damage(lenet_run, fashion_mnist_dir, tmp_path,
+                                                                   capfd, field, value):
+  """grad_clip_norm 0 -> 1 adds an optimiser state entry, weight_decay -> 0 removes one: one line naming
+  the field and the ways on, status 2, nothing moved or rewritten (it was taken for damage: every
+  checkpoint moved aside and training restarted at step 0)."""
+  wd = _copy(lenet_run[0], tmp_path)
+  before = _workdir_snapshot(wd)
+  capfd.readouterr()
+  status = cli.run(cli.train_main, _lenet_config(fashion_mnist_dir, num_train_steps=12, **{field: value}), wd)
+  err = capfd.readouterr().err.strip().splitlines()
+  assert status == cli.EXIT_USER_ERROR and len(err) == 1, err
+  assert field in err[0] and "--config.init_from=" in err[0] and "new --workdir" in err[0], err[0]
+  assert "nothing was moved" in err[0]
+  assert not os.path.exists(os.path.join(wd, ckpt_lib.DAMAGED_DIR))
+  assert _workdir_snapshot(wd) == before
+
+
+def test_batch_size_or_dataset_change_is_refused_unless_allowed_then_recorded(
+    lenet_run, fashion_mnist_dir, image_folder_factory, tmp_path, capfd):
+  wd = _copy(lenet_run[0], tmp_path)
+  before = _workdir_snapshot(wd)
+  # Another dataset with the same class count and the same model: refused.
+  classes = tuple(f"c{i}" for i in range(10))
+  root = image_folder_factory(splits=(("train", 4), ("test", 2)), classes=classes)
+  config = _lenet_config(None, dataset=f"folder:{root}", num_train_steps=12)
+  config.train_split, config.eval_split = "train", "test"
+  for changed in (config, _lenet_config(fashion_mnist_dir, batch_size=64, num_train_steps=12)):
+    capfd.readouterr()
+    status = cli.run(cli.train_main, changed, wd)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert status == cli.EXIT_USER_ERROR and len(err) == 1, err
+    assert ("batch_size 32 -> 64" in err[0] or "dataset 'fashion_mnist' ->" in err[0]), err[0]
+    assert "--config.allow_config_change=True" in err[0] and "new --workdir" in err[0], err[0]
+    assert _workdir_snapshot(wd) == before  # config.json, run_info.json, metrics, checkpoints as they were
+
+  # Allowed: the run goes on and keeps the history (with the step), and stops claiming the old recipe.
+  from cnn_jax.fingerprint import fingerprint  # pylint: disable=g-import-not-at-top
+  config = _lenet_config(fashion_mnist_dir, batch_size=64, num_train_steps=12, allow_config_change=True)
+  summary = train.train_and_evaluate(config, wd)
+  change = {"step": 8, "field": "batch_size", "from": 32, "to": 64}
+  assert summary["steps"] == 12 and change in summary["config_changes"]
+  run_info = json.load(open(os.path.join(wd, "run_info.json")))
+  assert change in run_info["config_changes"] and run_info["fingerprint_fields"]["batch_size"] == 64
+  assert summary["fingerprint"] != fingerprint(config)["hash"]  # not "as if it had used 64 throughout"
+  assert summary["fingerprint"].startswith("changed-") and run_info["fingerprint"] == summary["fingerprint"]
+  meta = json.load(open(os.path.join(wd, "checkpoints", "12", "meta", "metadata")))
+  assert change in meta["lineage"]["config_changes"]  # carried to the next resume
+
+
+def _flip_a_silent_bit(wd, step):
+  """Flips one bit in the array data of checkpoint `step` such that plain Orbax restores it without an
+  error but with other values (what a bit flip on disk does to the data TensorStore does not checksum);
+  returns the file changed.
+
+  Small arrays sit inside OCDBT's b-tree nodes, which carry a CRC; larger ones are values in data files
+  without one: the bit is flipped in the middle of such a value (found by its bytes).
+  """
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  state_dir = os.path.join(wd, "checkpoints", str(step), "state")
+  kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
+  values = [bytes(kv.read(k).result().value) for k in kv.list().result() if not k.endswith(b".zarray")]
+  files = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs if os.path.basename(r) == "d"]
+  good = jax.tree.leaves(load_state(wd, step))
+  for value in sorted(values, key=len, reverse=True):
+    for path in files:
+      original = open(path, "rb").read()
+      start = original.find(value) if len(value) > 64 else -1
+      if start < 0:
+        continue
+      for offset in range(len(value) // 2, len(value) - 8, 7):
+        data = bytearray(original)
+        data[start + offset] ^= 0x08
+        with open(path, "wb") as f:
+          f.write(data)
+        try:
+          restored = jax.tree.leaves(load_state(wd, step))
+        except Exception:  # pylint: disable=broad-except
+          continue  # this byte made the value undecodable: not the silent case
+        if any(not np.array_equal(a, b) for a, b in zip(restored, good)):
+          return path
+      with open(path, "wb") as f:
+        f.write(original)
+  raise AssertionError("found no array value outside the checksummed b-tree nodes to flip a bit in")
+
+
+def test_flipped_bit_in_array_data_is_detected_and_falls_back(fashion_mnist_dir, tmp_path, capfd):
+  """One flipped bit in checkpoint 4's data restored silently with other weights; the checksums recorded
+  at save catch it: one warning line, checkpoint 4 moved aside, resume from 2, the same step 4 again.
+  LeNet at full width: its larger arrays are stored outside TensorStore's own CRC-checked nodes."""
+  wd = str(tmp_path / "run")
+  config = _lenet_config(fashion_mnist_dir, num_train_steps=4, eval_every_epochs=100.0)
+  config.model_kwargs.width = 1.0
+  train.train_and_evaluate(config, wd)
+  good_4 = load_state(wd, 4)
+  _flip_a_silent_bit(wd, 4)
+  capfd.readouterr()
+  summary = train.train_and_evaluate(config, wd)
+  err = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and err[0].startswith("warning: checkpoint 4") and "checksum mismatch" in err[0], err
+  assert [m.split("-")[0] for m in os.listdir(os.path.join(wd, ckpt_lib.DAMAGED_DIR))] == ["4"]
+  assert summary["steps"] == 4
+  assert_trees_equal(load_state(wd, 4), good_4)
+
+
+def _truncate_data(wd, step):
+  for root, _, files in os.walk(os.path.join(wd, "checkpoints", str(step), "state")):
+    for name in files:
+      if os.sep + "d" in root:
+        path = os.path.join(root, name)
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+
+
+def test_init_from_falls_back_past_a_damaged_newest_checkpoint(lenet_run, fashion_mnist_dir, tmp_path, capfd):
+  source = _copy(lenet_run[0], tmp_path)
+  _truncate_data(source, 8)
+  config = _lenet_config(fashion_mnist_dir, num_train_steps=1, init_from=source)
+  config.optimizer.learning_rate = 0.0
+  config.optimizer.weight_decay = 0.0
+  capfd.readouterr()
+  train.train_and_evaluate(config, str(tmp_path / "tuned"))
+  captured = capfd.readouterr()
+  warnings = [l for l in captured.err.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 1 and "checkpoint 8" in warnings[0] and "damaged" in warnings[0], captured.err
+  assert "step 6" in captured.out
+  assert_trees_equal(load_state(str(tmp_path / "tuned"), 1)["params"], load_state(source, 6)["params"])
+  # Named explicitly, a damaged checkpoint is an error that names the earlier ones.
+  config.init_from = os.path.join(source, "checkpoints", "8")
+  status = cli.run(cli.train_main, config, str(tmp_path / "tuned2"))
+  err = capfd.readouterr().err.strip().splitlines()
+  assert status == cli.EXIT_USER_ERROR and len(err) == 1, err
+  assert "damaged" in err[0] and f"--config.init_from={os.path.join(source, 'checkpoints', '6')}" in err[0]
+
+
+def test_restart_without_a_restorable_checkpoint_writes_each_record_once(lenet_run, fashion_mnist_dir,
+                                                                        tmp_path):
+  """Every checkpoint damaged (as when a run is killed before its first one): the restart trains from
+  step 0 and metrics.jsonl holds each record once, not twice."""
+  wd = _copy(lenet_run[0], tmp_path)
+  for step in steps_in(wd):
+    os.remove(os.path.join(wd, "checkpoints", str(step), "state", "manifest.ocdbt"))
+  summary = train.train_and_evaluate(_lenet_config(fashion_mnist_dir), wd)
+  assert summary["steps"] == 8
+  keys = [(r["split"], r["step"]) for r in records(wd)]
+  assert len(keys) == len(set(keys)) and ("train", 2) in keys and ("eval", 8) in keys
+  points = tensorboard_points(wd)  # TensorBoard too: the first run's events were rewound, not repeated
+  assert len(points) == len(set(points)) and ("eval/top1", 8) in points
+
+
+def test_damaged_checkpoints_print_one_line_each_on_the_command_line(lenet_run, fashion_mnist_dir, tmp_path):
+  """The command-line path: one warning line per damaged checkpoint, no TensorStore/asyncio tracebacks,
+  no pybind11 text, nothing printed twice."""
+  wd = _copy(lenet_run[0], tmp_path)
+  _truncate_data(wd, 8)
+  os.remove(os.path.join(wd, "checkpoints", "6", "state", "manifest.ocdbt"))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  args = ["--config=configs/lenet.py:smoke", f"--workdir={wd}", f"--config.data_dir={fashion_mnist_dir}",
+          "--config.train_split=train[:512]", "--config.eval_split=test[:128]", "--config.num_train_steps=8",
+          "--config.checkpoint_every_steps=2", "--config.eval_every_epochs=0.25",
+          "--config.log_every_steps=2", "--config.progress=false"]
+  proc = subprocess.run([sys.executable, "train.py"] + args, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  damaged = [l for l in lines if "damaged" in l]
+  assert len(damaged) == 2 and damaged[0].startswith("warning: checkpoint 8") and \
+      damaged[1].startswith("warning: checkpoint 6"), proc.stderr[-3000:]
+  for noise in ("Traceback", "pybind11", "Exception ignored", "TensorStore(", "coroutine", "Task exception",
+                "future: <Task"):
+    assert noise not in proc.stderr, (noise, proc.stderr[-3000:])
+  assert "Resuming" in proc.stdout and "from step 4." in proc.stdout

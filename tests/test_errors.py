@@ -52,6 +52,26 @@ def test_command_line_errors(args, expect, tmp_path):
   assert expect in _one_error_line(proc.stderr)
 
 
+@pytest.mark.parametrize("source,expect", [
+    ("def get_config(:\n  pass\n", "bad.py:1: SyntaxError: invalid syntax"),
+    ("import no_such_module\ndef get_config(arg=None):\n  pass\n",
+     "bad.py:1: ModuleNotFoundError: No module named 'no_such_module'"),
+    ("x = 1\ndef get_config(arg=None):\n  return undefined_name\n",
+     "bad.py:3: NameError: name 'undefined_name' is not defined"),
+    ("X = 1\n", "defines no get_config(arg=None) function"),
+    ("def get_config(arg=None):\n  x = 1\n", "get_config() returned None"),
+])
+def test_broken_config_file_gives_file_and_line(source, expect, tmp_path):
+  """A config file's own error is one line with its file:line (it was a 40-50 line traceback, status 1;
+  a file without get_config reported "no field 'module'")."""
+  bad = tmp_path / "bad.py"
+  bad.write_text(source)
+  proc = _run([f"--config={bad}", f"--workdir={tmp_path / 'w'}"])
+  assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr[-2000:]
+  line = _one_error_line(proc.stderr)
+  assert expect in line and "'module'" not in line, line
+
+
 def test_missing_config_flag():
   # --workdir may be left out (runs/<config name>: tests/test_console.py); --config may not.
   proc = _run(["--workdir=/tmp/unused"])
@@ -99,6 +119,12 @@ def _train_status(config, workdir, capfd):
     (dict(train_split="validation"), "no split 'validation'"),
     (dict(batch_size=64, train_split="train[:40]"), "fewer than one batch"),
     (dict(init_from="/nonexistent/run"), "no such checkpoint directory"),
+    # Were the device-divisibility message (0, -1) or accepted (a negative learning rate).
+    (dict(batch_size=0), "--config.batch_size=0 must be a whole number >= 1"),
+    (dict(batch_size=-1), "--config.batch_size=-1 must be a whole number >= 1"),
+    (dict(eval_batch_size=0), "--config.eval_batch_size=0 must be a whole number >= 1"),
+    ({"optimizer.learning_rate": -0.1}, "--config.optimizer.learning_rate=-0.1 must be a finite number >= 0"),
+    (dict(restore_step=-2), "--config.restore_step=-2"),
 ])
 def test_bad_config_values(overrides, expect, fashion_mnist_dir, tmp_path, capfd):
   status, line = _train_status(_config(data_dir=fashion_mnist_dir, **overrides), tmp_path / "w", capfd)

@@ -39,10 +39,14 @@ class _HostTrainStep(inputs.TrainStep):
     self._batches = batches
     self._next = first
 
-  def __call__(self, state, step):
+  def prepare(self, step):
     del step  # the iterator was started at the first step and yields in order
-    batch = self._next if self._next is not None else next(self._batches)
-    self._next = None
+    if self._next is None:
+      self._next = next(self._batches)
+
+  def __call__(self, state, step):
+    self.prepare(step)
+    batch, self._next = self._next, None
     return self.compiled(state, batch)
 
 

@@ -42,6 +42,11 @@ class TrainStep(abc.ABC):
   compiled: Any
   batch_spec: Dict[str, jax.ShapeDtypeStruct]
 
+  def prepare(self, step: int) -> None:
+    """Gets step `step`'s input ready on the host before the loop waits for the devices (host input:
+    the next batch); a no-op where the input already lives on the devices."""
+    del step
+
   @abc.abstractmethod
   def __call__(self, state, step: int):
     """Runs train step number `step` (0-based: the state's step before it) on `state` (donated)."""
