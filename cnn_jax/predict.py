@@ -44,20 +44,16 @@ def _steps(directory: str) -> List[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
 
 
-def inference_record(config, info) -> Dict[str, Any]:
+def inference_record(config, info, channels: int, mean_std) -> Dict[str, Any]:
   """What prediction needs besides the weights, recorded by the training loop in run_info.json.
 
   {'class_names': [...], 'channels': 1 | 3 (what images are decoded to), 'mean_std': [[mean], [std]] or
-  None, 'eval_preprocess': {'eval_crop', 'eval_resize_ratio', 'image_size'}}. `info` is the run's
-  cnn_jax.data.DatasetInfo; the dataset's source is opened for its channel count and normalisation only.
+  None, 'eval_preprocess': {'eval_crop', 'eval_resize_ratio', 'image_size'}}. `info`, `channels` and
+  `mean_std` come from the run's input (cnn_jax.data.inputs.Input): no dataset is opened here.
   """
-  from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  source = datasets.get_source(config)
-  train_split, _ = datasets.resolve_splits(config, source)
-  mean_std = datasets.mean_std(config, source, train_split)
   return {
       "class_names": list(info.class_names or []),
-      "channels": int(source.channels),
+      "channels": int(channels),
       "mean_std": [list(map(float, mean_std[0])), list(map(float, mean_std[1]))] if mean_std else None,
       "eval_preprocess": {"eval_crop": config.get("eval_crop", "center"),
                           "eval_resize_ratio": float(config.get("eval_resize_ratio", 1.0)),

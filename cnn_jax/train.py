@@ -254,7 +254,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   elif config.get("init_from"):
     state = ckpt_lib.init_from(state, config.init_from)
 
-  inference = predict_lib.inference_record(config, info)  # all prediction needs, with no dataset at hand
+  # All prediction needs, so that it never opens the dataset.
+  inference = predict_lib.inference_record(config, info, inp.channels, inp.mean_std)
   run_info = {
       "input": inp.mode, "model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "dataset": info.name,
       "num_classes": info.num_classes, "class_names": list(info.class_names or []),

@@ -375,7 +375,7 @@ def test_sigint_in_process_finishes_the_step_and_saves(fashion_mnist_dir, tmp_pa
   monkeypatch.setattr(data_lib, "create_train_iter", interrupting_iter)
   wd = str(tmp_path / "sigint")
   before = signal.getsignal(signal.SIGINT)
-  result = train.train_and_evaluate(_lenet_config(fashion_mnist_dir, num_train_steps=50,
+  result = train.train_and_evaluate(_lenet_config(fashion_mnist_dir, num_train_steps=50, input="host",
                                                   checkpoint_every_steps=100, eval_every_epochs=100.0), wd)
   assert result["stopped"] == "SIGINT" and 0 < result["step"] < 50
   assert steps_in(wd) == [result["step"]]

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILY_CONFIGS = ("alexnet", "vgg", "nin", "lenet")
 # ConfigDict methods, not fields.
 _METHODS = {"get", "to_dict", "to_json", "to_json_best_effort", "copy_and_resolve_references", "update",
-            "keys", "values", "items", "lock", "unlock", "ignore_type", "get_ref", "get_oneway_ref"}
+            "keys", "values", "items", "lock", "unlock", "unlocked", "ignore_type", "get_ref", "get_oneway_ref"}
 # Files that read the experiment config (a variable named `config` elsewhere may be something else, e.g.
 # the flags of models/summary.py).
 _SCANNED = ("cnn_jax/train.py", "cnn_jax/steps.py", "cnn_jax/checkpoint.py", "cnn_jax/predict.py",

@@ -214,6 +214,10 @@ def run_status(workdir: str, config) -> Tuple[str, Optional[int]]:
   if os.path.exists(info_path):
     with open(info_path) as f:
       info = json.load(f)
+    if config.get("input", "auto") == "auto" and info.get("input"):
+      # A run records the mode 'auto' chose (device or host); either one is this run.
+      config = copy.deepcopy(config)
+      config.input = info["input"]
     recorded = json.loads(json.dumps({"model": info.get("model"), "model_kwargs": info.get("model_kwargs"),
                                       **info.get("fingerprint_fields", {})}, sort_keys=True, default=str))
     wanted = identity_of(config)

@@ -268,12 +268,14 @@ def build_split(config, split: str, resolution: Optional[int], dest: str) -> Spl
     return image, tf.cast(example["label"], tf.int32)
 
   ds = source.read(split).map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
+  # A damaged image becomes one line naming it, as in the host pipeline.
+  batches = pipeline.numpy_batches(ds, source, split)
   tmp = f"{dest}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   images, labels, filled = None, np.zeros(count, np.int32), 0
   try:
-    for image_batch, label_batch in ds.as_numpy_iterator():
+    for image_batch, label_batch in batches:
       if images is None:
         images = np.lib.format.open_memmap(os.path.join(tmp, _IMAGES), mode="w+", dtype=np.uint8,
                                            shape=(count,) + image_batch.shape[1:])

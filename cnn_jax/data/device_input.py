@@ -248,6 +248,8 @@ class DeviceInput(inputs.Input):
                               lambda: stats_lib.accumulate(pixels(), f"split {train_split!r} of {source_name}"))
 
     self._mean_std = stats_lib.mean_std(config.get("normalize", "auto"), base, statistics)
+    self.mean_std = self._mean_std
+    self.channels = int(the_plan.image_shape[-1])
     self._eigen = (stats_lib.lighting_eigen(base, statistics) if self._settings.pca_lighting
                    else (None, None))
 

@@ -64,6 +64,10 @@ class HostInput(inputs.Input):
     n_proc = jax.process_count()
     if config.get("eval_train_split"):  # a bad split name fails here, not at the first eval
       data.num_eval_batches(config, n_proc, split=config.eval_train_split)
+    from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    source = datasets.get_source(config)
+    self.channels = int(source.channels)
+    self.mean_std = datasets.mean_std(config, source, datasets.resolve_splits(config, source)[0])
     self.steps_per_epoch = (self.info.num_train // n_proc) // (config.batch_size // n_proc)
     if self.steps_per_epoch == 0:
       raise UserError(f"the train split has {self.info.num_train} examples, fewer than one batch of "

@@ -53,10 +53,14 @@ class TrainStep(abc.ABC):
 
 
 class Input(abc.ABC):
-  """One input mode. Attributes: mode ('host' | 'device'), info (DatasetInfo), steps_per_epoch."""
+  """One input mode. Attributes: mode ('host' | 'device'), info (DatasetInfo), steps_per_epoch, channels
+  (what raw images are decoded to: 1 for grayscale, tiled to RGB later), mean_std (the normalisation:
+  ((mean,) , (std,)) in [0, 1] units, or None)."""
   mode: str
   info: DatasetInfo
   steps_per_epoch: int
+  channels: int
+  mean_std: Optional[Any]
 
   @abc.abstractmethod
   def train_step(self, step_fn: Callable, state, start_step: int) -> TrainStep:

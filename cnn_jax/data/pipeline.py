@@ -166,7 +166,7 @@ def eval_preprocess_fn(eval_crop: str, resize_ratio: float, size: int, channels:
   return fn
 
 
-def _numpy_batches(ds: tf.data.Dataset, source: datasets.Source, split: str) -> Iterator[Batch]:
+def numpy_batches(ds: tf.data.Dataset, source: datasets.Source, split: str) -> Iterator[Batch]:
   """Iterates `ds` as numpy dicts; a damaged image becomes a UserError naming it where possible."""
   it = ds.as_numpy_iterator()
   while True:
@@ -240,7 +240,7 @@ def create_train_iter(config, *, seed: int, start_step: int = 0, process_index: 
   ds = ds.skip(step_in_epoch * batch_size)
   ds = ds.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _numpy_batches(ds.with_options(_options(config)), source, split)
+  return numpy_batches(ds.with_options(_options(config)), source, split)
 
 
 # --- Eval ----------------------------------------------------------------------------------------
@@ -290,4 +290,4 @@ def create_eval_iter(config, *, process_index: int = 0, process_count: int = 1,
              "mask": tf.constant(False)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch_size - num_examples))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _numpy_batches(ds.with_options(_options(config)), source, split)
+  return numpy_batches(ds.with_options(_options(config)), source, split)
