@@ -117,9 +117,8 @@ def loop_img_per_s(config) -> float:
 
 def main(argv):
   del argv
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax/tfds INFO lines only with --verbosity
+  from cnn_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()  # library lines (TensorFlow, tfds, Orbax) only with --verbosity, as in train.py
   import jax  # pylint: disable=g-import-not-at-top
   from cnn_jax import cli  # pylint: disable=g-import-not-at-top
   cli.setup_runtime(distributed="off")
