@@ -1,5 +1,4 @@
-"""Test-session set-up that must happen before JAX initialises: 8 fake CPU devices, a temp array cache,
-a session-wide XLA compilation cache.
+"""Test-session set-up that must happen before JAX initialises: 8 fake CPU devices, a temp array cache.
 
 Every test then runs its jitted steps over a real 8-device mesh (the batch split on `data`), which is how
 sharding bugs show up on a laptop. CNN_JAX_TEST_DEVICES overrides the count.
@@ -17,17 +16,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "CNN_JAX_ARRAY_CACHE_DIR" not in os.environ:
   os.environ["CNN_JAX_ARRAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnn_jax_arrays_")
   atexit.register(shutil.rmtree, os.environ["CNN_JAX_ARRAY_CACHE_DIR"], True)
-
-# One persistent XLA compilation cache for the session (in-process tests and train.py subprocesses):
-# the suite compiles the same small programs many times (a resumed run, the same config in two tests),
-# and a cache hit gives the same executable. CNN_JAX_TEST_COMPILATION_CACHE keeps it across sessions.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = os.environ.get("CNN_JAX_TEST_COMPILATION_CACHE") or tempfile.mkdtemp(prefix="cnn_jax_xla_")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-  if not os.environ.get("CNN_JAX_TEST_COMPILATION_CACHE"):
-    atexit.register(shutil.rmtree, _cache, True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
