@@ -27,11 +27,18 @@ from cnn_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A subprocess that cannot import TensorFlow: sys.modules entries of None make `import tensorflow` fail.
+# A subprocess that cannot import TensorFlow (as on an image without it), and that records every attempt:
+# code that tries TensorFlow and falls back without it would load it, slowly, wherever it is installed.
 _NO_TF = r"""
-import os, runpy, sys
-sys.modules["tensorflow"] = None
-sys.modules["tensorflow_datasets"] = None
+import importlib.abc, os, runpy, sys
+class BlockTensorFlow(importlib.abc.MetaPathFinder):
+  tried = []
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+      self.tried.append(name)
+      raise ImportError(f"{name} is blocked in this test")
+    return None
+sys.meta_path.insert(0, BlockTensorFlow())
 sys.path.insert(0, os.getcwd())
 sys.argv = ["train.py"] + sys.argv[1:]
 try:
@@ -40,6 +47,7 @@ finally:
   loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")
                   and sys.modules[m] is not None)
   print("TF_MODULES_LOADED", loaded, flush=True)
+  print("TF_IMPORTS_TRIED", sorted(set(BlockTensorFlow.tried)), flush=True)
 """
 
 
@@ -157,6 +165,8 @@ def test_a_cached_dataset_trains_two_epochs_without_tensorflow(fashion_mnist_dir
                     tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "TF_MODULES_LOADED []" in proc.stdout, proc.stdout[-2000:]
+  # Nothing even tried (TensorBoard's writer would, and load TensorFlow where it is installed: 5-7 s here).
+  assert "TF_IMPORTS_TRIED []" in proc.stdout, proc.stdout[-2000:]
   summary = json.load(open(workdir / "summary.json"))
   assert summary["steps"] == 2 * 1024 // 32 and summary["eval_examples"] == 256
   evals = [json.loads(l) for l in open(workdir / "metrics.jsonl") if '"eval"' in l]
