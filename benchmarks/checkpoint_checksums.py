@@ -47,8 +47,7 @@ def main(argv):
 
   model = models.get_model(_MODEL.value, _CLASSES.value)
   tx = optax.sgd(0.01, momentum=0.9)
-  state = jax.jit(lambda key: steps_lib.create_train_state(model, tx, key, (_SIZE.value, _SIZE.value, 3)))(
-      jax.random.PRNGKey(0))
+  state = steps_lib.jit_init(model, tx, (_SIZE.value, _SIZE.value, 3))(jax.random.PRNGKey(0))
   tree = ckpt_lib.state_to_tree(state)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
   print(f"{_MODEL.value} {_SIZE.value}px {_CLASSES.value} classes: train state {nbytes / 1e6:.0f} MB "

@@ -84,8 +84,7 @@ def synthetic_img_per_s(config) -> float:
   tx = steps_lib.make_optimizer(config, schedule)
   size = config.image_size
   repl = shd.replicated(mesh)
-  state = jax.jit(functools.partial(steps_lib.create_train_state, model, tx, image_shape=(size, size, 3)),
-                  out_shardings=repl)(jax.random.PRNGKey(0))
+  state = steps_lib.jit_init(model, tx, (size, size, 3), out_shardings=repl)(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = shd.make_global_batch({
       "image": rng.standard_normal((config.batch_size, size, size, 3)).astype(jnp.dtype(config.dtype)),

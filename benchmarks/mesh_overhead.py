@@ -7,7 +7,6 @@ run interleaved (one step of each in turn) so load from other processes hits bot
   python benchmarks/mesh_overhead.py --models=lenet,nin --batch=256 --devices=8
 """
 
-import functools
 import os
 import statistics
 import sys
@@ -48,9 +47,8 @@ def main(argv):
     for n in (1, FLAGS.devices):
       mesh = shd.make_mesh(jax.devices()[:n])
       repl = shd.replicated(mesh)
-      state = jax.jit(functools.partial(steps.create_train_state, model, optax.sgd(0.01, 0.9),
-                                        image_shape=(FLAGS.res, FLAGS.res, 3)), out_shardings=repl)(
-                                            jax.random.PRNGKey(0))
+      state = steps.jit_init(model, optax.sgd(0.01, 0.9), (FLAGS.res, FLAGS.res, 3), out_shardings=repl)(
+          jax.random.PRNGKey(0))
       step = jax.jit(steps.train_step, in_shardings=(repl, shd.batch_sharded(mesh)),
                      out_shardings=(repl, repl), donate_argnums=(0,),
                      compiler_options=ops.compiler_options())

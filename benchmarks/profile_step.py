@@ -390,8 +390,7 @@ def _compiled_step(config):
   model = train.build_model(config, num_classes)
   schedule = steps_lib.learning_rate_schedule(config, steps_per_epoch, config.num_train_steps)
   tx = steps_lib.make_optimizer(config, schedule)
-  state = jax.jit(functools.partial(steps_lib.create_train_state, model, tx, image_shape=(size, size, 3)),
-                  out_shardings=repl)(jax.random.PRNGKey(0))
+  state = steps_lib.jit_init(model, tx, (size, size, 3), out_shardings=repl)(jax.random.PRNGKey(0))
   step_fn = functools.partial(steps_lib.train_step, label_smoothing=config.optimizer.label_smoothing,
                               schedule=schedule)
   holder = {'state': state, 'step': 0}

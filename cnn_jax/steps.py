@@ -5,6 +5,7 @@ arrays; `cnn_jax.train` jits them over the mesh. The dropout key of step t is `f
 resumed run draws exactly the masks an uninterrupted one would.
 """
 
+import functools
 from typing import Any, Callable, Dict, Tuple
 
 import flax
@@ -76,6 +77,26 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
                          jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats"), rng=state_rng)
+
+
+def init_compiler_options() -> Dict[str, Any]:
+  """XLA options for the jitted `create_train_state`: on the CPU, LLVM at -O2 rather than XLA's default -O3.
+
+  The init runs once, but at -O3 its random initialisers (threefry hashing, then the normal / truncated-normal
+  transforms) take 5-15 s to compile on a 2-core CPU for any of the models; at -O2 1.5-5 s. The parameters are
+  bit-identical (`tests/test_train.py::test_init_at_o2_is_bit_identical`; -O0 is not: it rounds the normal
+  transforms differently). Train and eval steps keep the default: their results would change in the last bit.
+  Elsewhere {}.
+  """
+  return {"xla_backend_optimization_level": 2} if jax.default_backend() == "cpu" else {}
+
+
+def jit_init(model: nn.Module, tx: optax.GradientTransformation, image_shape: Tuple[int, ...],
+             **jit_kwargs) -> Callable[[jax.Array], TrainState]:
+  """`rng -> TrainState`: `create_train_state` jitted with `init_compiler_options()` (and `jit_kwargs`, e.g.
+  out_shardings)."""
+  return jax.jit(functools.partial(create_train_state, model, tx, image_shape=tuple(image_shape)),
+                 compiler_options=init_compiler_options(), **jit_kwargs)
 
 
 def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

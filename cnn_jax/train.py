@@ -223,8 +223,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   replicated = shd.replicated(mesh)
   image_shape = (config.image_size, config.image_size, 3)
-  init_fn = jax.jit(functools.partial(steps_lib.create_train_state, model, tx, image_shape=image_shape),
-                    out_shardings=replicated)
+  init_fn = steps_lib.jit_init(model, tx, image_shape, out_shardings=replicated)
   console.say(f"initialising {config.model} ({config.image_size} px, {info.num_classes} classes)")
   state = init_fn(jax.random.PRNGKey(config.seed))
   n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))

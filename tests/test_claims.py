@@ -104,7 +104,7 @@ def test_layer_grad_norms_match_manual(name, expected):
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   labels = jnp.array([0, 1, 2, 3])
   tx = optax.sgd(0.01, momentum=0.9)
-  state = steps.create_train_state(model, tx, jax.random.key(1), images.shape[1:])
+  state = steps.jit_init(model, tx, images.shape[1:])(jax.random.key(1))
   assert list(steps.layers(state.params)) == expected
   new_state, metrics = jax.jit(lambda s, b: steps.train_step(s, b, log_layer_grad_norms=True))(
       state, {"image": images, "label": labels})

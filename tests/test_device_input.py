@@ -246,8 +246,8 @@ def test_eval_covers_every_example_once(fashion_mnist_dir):
   host = inputs.create(apply_overrides(_config(fashion_mnist_dir, eval_split="test[:1000]", eval_batch_size=96),
                                        {"input": "host"}), mesh)
   model = models.get_model("lenet", 10)
-  state = jax.jit(lambda k: steps_lib.create_train_state(model, optax.sgd(0.1), k, (32, 32, 3)),
-                  out_shardings=shd.replicated(mesh))(jax.random.PRNGKey(0))
+  state = steps_lib.jit_init(model, optax.sgd(0.1), (32, 32, 3), out_shardings=shd.replicated(mesh))(
+      jax.random.PRNGKey(0))
   a, b = device.evaluate(steps_lib.eval_step, state), host.evaluate(steps_lib.eval_step, state)
   assert a["count"] == b["count"] == 1000
   assert abs(a["top1"] - b["top1"]) < 1e-3 and abs(a["loss"] - b["loss"]) < 1e-3 * b["loss"]
