@@ -116,14 +116,14 @@ def test_keeps_last_n_and_the_best(tmp_path):
 # --- Interrupted runs resume bit-identically (subprocesses) ----------------------------------------
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
+def compile_cache():
+  """The session's XLA compilation cache (conftest.py): relaunches and repeated configs do not recompile."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def _launch(args, log_path, compile_cache):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             JAX_COMPILATION_CACHE_DIR=compile_cache)
   log = open(log_path, "w")
   proc = subprocess.Popen([sys.executable, "train.py"] + args, cwd=REPO, env=env, stdout=log,
                           stderr=subprocess.STDOUT)

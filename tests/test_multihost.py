@@ -92,8 +92,7 @@ def _free_port():
 
 def _launch(args, log_path, compile_cache, **env_extra):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **env_extra)
+             JAX_COMPILATION_CACHE_DIR=compile_cache, **env_extra)
   proc = subprocess.Popen([sys.executable, "-c", _WRAPPER] + args, cwd=REPO, env=env,
                           stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
   proc.log_path = log_path
@@ -123,8 +122,9 @@ def _kill_all(procs):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
+def compile_cache():
+  """The session's XLA compilation cache (conftest.py): relaunches and repeated configs do not recompile."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def _args(data_dir, workdir, devices, input_mode="host"):
