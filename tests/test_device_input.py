@@ -301,8 +301,8 @@ def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, monkeypat
 
 def test_host_and_device_input_reach_the_same_accuracy(fashion_mnist_dir, tmp_path):
   """LeNet, small geometry (32 px, pad-crop + flip), 2 epochs of the whole Fashion-MNIST train split, once
-  per input mode (train.py on one CPU device, both at once): the test top-1 lands within 1 point
-  (different random draws from the same distributions)."""
+  per input mode (train.py on one CPU device, both at once): both learn (LeNet's learning test), and the test
+  top-1 lands within 1 point (different random draws from the same distributions)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   procs = {}
   for mode in ("host", "device"):
@@ -322,3 +322,10 @@ def test_host_and_device_input_reach_the_same_accuracy(fashion_mnist_dir, tmp_pa
   print("top-1 after 2 epochs:", top1)
   assert min(top1.values()) > 0.7, top1  # both learned
   assert abs(top1["host"] - top1["device"]) < 0.01, top1
+  for mode, summary in summaries.items():  # what tests/test_train.py checks of the other families' runs
+    records = [json.loads(l) for l in open(tmp_path / mode / "metrics.jsonl")]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert len(train_losses) >= 4 and train_losses[-1] < 0.9 * train_losses[0], (mode, train_losses)
+    assert summary["final_top5"] > summary["final_top1"]
+    assert os.path.exists(tmp_path / mode / "run_info.json")
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / mode / "tb"))
