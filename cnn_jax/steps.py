@@ -85,8 +85,8 @@ def init_compiler_options() -> Dict[str, Any]:
   The init runs once, but at -O3 its random initialisers (threefry hashing, then the normal / truncated-normal
   transforms) take 5-15 s to compile on a 2-core CPU for any of the models; at -O2 1.5-5 s. The parameters are
   bit-identical (`tests/test_train.py::test_init_at_o2_is_bit_identical`, `benchmarks/init_compile.py`;
-  -O0 is not: it rounds the normal
-  transforms differently). Train and eval steps keep the default: their results would change in the last bit.
+  -O0 is not: it rounds the normal transforms differently). Train and eval steps keep the default: their
+  results would change in the last bit.
   Elsewhere {}.
   """
   return {"xla_backend_optimization_level": 2} if jax.default_backend() == "cpu" else {}
