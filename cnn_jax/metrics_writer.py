@@ -16,7 +16,7 @@ def _tensorboard_without_tensorflow(path: str) -> None:
   its stub, which reads and writes local files the same way. Remote paths (gs://...) keep TensorFlow's file
   systems.
   """
-  if "tensorflow" in sys.modules or "://" in path:
+  if sys.modules.get("tensorflow") is not None or "://" in path:
     return
   sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 

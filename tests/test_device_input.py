@@ -27,18 +27,21 @@ from cnn_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A subprocess that cannot import TensorFlow (as on an image without it), and that records every attempt:
-# code that tries TensorFlow and falls back without it would load it, slowly, wherever it is installed.
+# A subprocess that cannot import TensorFlow: sys.modules entries of None make `import tensorflow` fail (and
+# importlib.util.find_spec say it is not installed), as on an image without it. Every import statement that
+# names it is recorded: code that tries TensorFlow and falls back without it would load it, slowly, wherever
+# it is installed.
 _NO_TF = r"""
-import importlib.abc, os, runpy, sys
-class BlockTensorFlow(importlib.abc.MetaPathFinder):
-  tried = []
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
-      self.tried.append(name)
-      raise ImportError(f"{name} is blocked in this test")
-    return None
-sys.meta_path.insert(0, BlockTensorFlow())
+import builtins, os, runpy, sys
+sys.modules["tensorflow"] = None
+sys.modules["tensorflow_datasets"] = None
+tried = set()
+real_import = builtins.__import__
+def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+  if level == 0 and name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+    tried.add(name)
+  return real_import(name, globals, locals, fromlist, level)
+builtins.__import__ = recording_import
 sys.path.insert(0, os.getcwd())
 sys.argv = ["train.py"] + sys.argv[1:]
 try:
@@ -47,7 +50,7 @@ finally:
   loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")
                   and sys.modules[m] is not None)
   print("TF_MODULES_LOADED", loaded, flush=True)
-  print("TF_IMPORTS_TRIED", sorted(set(BlockTensorFlow.tried)), flush=True)
+  print("TF_IMPORTS_TRIED", sorted(tried), flush=True)
 """
 
 
