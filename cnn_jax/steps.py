@@ -83,7 +83,8 @@ def init_compiler_options() -> Dict[str, Any]:
   """XLA options for the jitted `create_train_state`: on the CPU, LLVM at -O2 rather than XLA's default -O3.
 
   The init runs once, but at -O3 its random initialisers (threefry hashing, then the normal / truncated-normal
-  transforms) take 5-15 s to compile on a 2-core CPU for any of the models; at -O2 1.5-5 s. The parameters are
+  transforms) make its compile and first run take 6.7-15.8 s on a 2-core CPU for the models here; at -O2
+  1.8-9.1 s (the larger numbers are VGG at 224 px, where running the init itself takes seconds). The parameters are
   bit-identical (`tests/test_train.py::test_init_at_o2_is_bit_identical`, `benchmarks/init_compile.py`;
   -O0 is not: it rounds the normal transforms differently). Train and eval steps keep the default: their
   results would change in the last bit.
