@@ -84,11 +84,10 @@ def init_compiler_options() -> Dict[str, Any]:
 
   The init runs once, but at -O3 its random initialisers (threefry hashing, then the normal / truncated-normal
   transforms) make its compile and first run take 6.7-15.8 s on a 2-core CPU for the models here; at -O2
-  1.8-9.1 s (the larger numbers are VGG at 224 px, where running the init itself takes seconds). The parameters are
-  bit-identical (`tests/test_train.py::test_init_at_o2_is_bit_identical`, `benchmarks/init_compile.py`;
-  -O0 is not: it rounds the normal transforms differently). Train and eval steps keep the default: their
-  results would change in the last bit.
-  Elsewhere {}.
+  1.8-9.1 s (the larger numbers are VGG at 224 px, where running the init itself takes seconds). The
+  parameters are bit-identical (`tests/test_train.py::test_init_at_o2_is_bit_identical`,
+  `benchmarks/init_compile.py`; -O0 is not: it rounds the normal transforms differently). Train and eval
+  steps keep the default: their results would change in the last bit. Elsewhere {}.
   """
   return {"xla_backend_optimization_level": 2} if jax.default_backend() == "cpu" else {}
 
