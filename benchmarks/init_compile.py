@@ -27,12 +27,7 @@ _CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes.")
 def _bits(tree):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  out = []
-  for x in jax.tree.leaves(tree):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    out.append(np.asarray(x).tobytes())
-  return out
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
 
 def main(argv):
