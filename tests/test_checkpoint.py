@@ -2,7 +2,7 @@
 checkpoints, NaN, incompatible configs, fine-tuning from another run's weights.
 
 The end-to-end runs use a slice of the real Fashion-MNIST (`fashion_mnist_dir`) and tiny networks; the
-subprocess runs share a persistent XLA compilation cache so relaunches do not recompile.
+subprocess runs inherit the session's XLA compilation cache (conftest.py), so relaunches do not recompile.
 """
 
 import json
@@ -115,15 +115,8 @@ def test_keeps_last_n_and_the_best(tmp_path):
 
 # --- Interrupted runs resume bit-identically (subprocesses) ----------------------------------------
 
-@pytest.fixture(scope="module")
-def compile_cache():
-  """The session's XLA compilation cache (conftest.py): relaunches and repeated configs do not recompile."""
-  return os.environ["JAX_COMPILATION_CACHE_DIR"]
-
-
-def _launch(args, log_path, compile_cache):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=compile_cache)
+def _launch(args, log_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   log = open(log_path, "w")
   proc = subprocess.Popen([sys.executable, "train.py"] + args, cwd=REPO, env=env, stdout=log,
                           stderr=subprocess.STDOUT)
@@ -158,7 +151,7 @@ def _finish(proc, timeout=240):
 
 
 @pytest.mark.parametrize("input_mode", ["device", "host"])
-def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache, tmp_path, input_mode):
+def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, tmp_path, input_mode):
   """SIGTERM, then kill -9 during start-up, then kill -9 mid-training (maybe mid-save); the resumed run ends
   with the same checkpoint arrays (bit for bit), the same eval metrics and the same metrics.jsonl as an
   uninterrupted run, with either input mode. NiN has dropout, so the RNG is part of what must resume
@@ -168,11 +161,11 @@ def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache,
           "--config.num_train_steps=40", "--config.log_every_steps=5", "--config.checkpoint_every_steps=3",
           "--config.eval_every_epochs=0.3", "--config.progress=false", "--cpu_devices=2"]
   ref_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
-  reference = _launch(args + [f"--workdir={ref_dir}"], tmp_path / "reference.log", compile_cache)
+  reference = _launch(args + [f"--workdir={ref_dir}"], tmp_path / "reference.log")
   procs = [reference]
   try:
     # 1. SIGTERM once a few checkpoints exist: finishes the step, saves, exits 0 with a message.
-    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run1.log", compile_cache)
+    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run1.log")
     procs.append(proc)
     _wait_until(lambda: any(s >= 6 for s in steps_in(run_dir)), proc)
     proc.send_signal(signal.SIGTERM)
@@ -183,7 +176,7 @@ def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache,
     assert stopped_at in steps_in(run_dir) and stopped_at < 40
 
     # 2. kill -9 while the resumed run starts up (restore, compile).
-    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run2.log", compile_cache)
+    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run2.log")
     procs.append(proc)
     _wait_until(lambda: "Resuming" in _log(proc), proc)
     proc.kill()
@@ -191,7 +184,7 @@ def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache,
     assert f"from step {stopped_at}." in _log(proc)
 
     # 3. kill -9 mid-training, shortly after a checkpoint appeared (often while the next one is written).
-    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run3.log", compile_cache)
+    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run3.log")
     procs.append(proc)
     _wait_until(lambda: any(s >= 24 for s in steps_in(run_dir)), proc)
     time.sleep(0.3)
@@ -199,7 +192,7 @@ def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, compile_cache,
     proc.wait()
 
     # 4. The same command again runs to the end.
-    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run4.log", compile_cache)
+    proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run4.log")
     procs.append(proc)
     assert _finish(proc) == 0, _log(proc)[-3000:]
     resumed_from = int(_log(proc).split("Resuming")[1].split("from step ")[1].split(".")[0])

@@ -90,9 +90,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(args, log_path, compile_cache, **env_extra):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=compile_cache, **env_extra)
+def _launch(args, log_path, **env_extra):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **env_extra)
   proc = subprocess.Popen([sys.executable, "-c", _WRAPPER] + args, cwd=REPO, env=env,
                           stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
   proc.log_path = log_path
@@ -121,12 +120,6 @@ def _kill_all(procs):
       p.wait()
 
 
-@pytest.fixture(scope="module")
-def compile_cache():
-  """The session's XLA compilation cache (conftest.py): relaunches and repeated configs do not recompile."""
-  return os.environ["JAX_COMPILATION_CACHE_DIR"]
-
-
 def _args(data_dir, workdir, devices, input_mode="host"):
   # 2,048 train images, global batch 32: 64 steps per epoch; 16 steps; eval (500 images) at the end.
   # Host input by default: the single-process emulation above stands in for the tf.data pipeline.
@@ -137,14 +130,14 @@ def _args(data_dir, workdir, devices, input_mode="host"):
           "--config.progress=false", f"--cpu_devices={devices}", f"--workdir={workdir}"]
 
 
-def _two_processes(args, tmp_path, name, compile_cache, summary_dir):
+def _two_processes(args, tmp_path, name, summary_dir):
   port = _free_port()
   return [_launch(args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                          f"--process_id={i}"], tmp_path / f"{name}_{i}.log", compile_cache,
+                          f"--process_id={i}"], tmp_path / f"{name}_{i}.log",
                   CNN_JAX_TEST_SUMMARY_DIR=str(summary_dir)) for i in range(2)]
 
 
-def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_dir, compile_cache,
+def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_dir,
                                                                    tmp_path):
   multi_dir, single_dir = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
   summaries = tmp_path / "summaries"
@@ -152,13 +145,13 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_
   procs = []
   try:
     # The single-process reference (4 devices, the 2-process global batches) runs alongside launch 1.
-    single = _launch(_args(fashion_mnist_dir, single_dir, 4), tmp_path / "single.log", compile_cache,
+    single = _launch(_args(fashion_mnist_dir, single_dir, 4), tmp_path / "single.log",
                      CNN_JAX_TEST_EMULATE_PROCESSES="2")
     procs.append(single)
 
     # Launch 1: SIGTERM to process 1 only, once a checkpoint exists; both must stop at the same step,
     # save, and exit 0 (neither may hang waiting for the other in a collective).
-    first = _two_processes(_args(fashion_mnist_dir, multi_dir, 2), tmp_path, "launch1", compile_cache,
+    first = _two_processes(_args(fashion_mnist_dir, multi_dir, 2), tmp_path, "launch1",
                            summaries)
     procs += first
     deadline = time.time() + 240
@@ -177,7 +170,7 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_
                               {"stopped": "SIGTERM", "step": stopped_at}]
 
     # Launch 2: the same command resumes from that checkpoint in both processes and finishes.
-    second = _two_processes(_args(fashion_mnist_dir, multi_dir, 2), tmp_path, "launch2", compile_cache,
+    second = _two_processes(_args(fashion_mnist_dir, multi_dir, 2), tmp_path, "launch2",
                             summaries)
     procs += second
     assert _wait_all(second) == [0, 0], (_log(second[0])[-3000:], _log(second[1])[-3000:])
@@ -207,14 +200,14 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_
   assert abs(multi[0]["final_top1"] - single_summary["final_top1"]) <= 2 / 500  # at most 2 flips
 
 
-def test_two_processes_with_device_input(fashion_mnist_dir, compile_cache, tmp_path):
+def test_two_processes_with_device_input(fashion_mnist_dir, tmp_path):
   """Device-resident input on 2 processes: each holds and draws only its half of the train split (the log
   says 1,024 of 2,048 images per process), both finish with the same global numbers, eval covers the
   500 test images once."""
   workdir = str(tmp_path / "device")
   summaries = tmp_path / "summaries"
   summaries.mkdir()
-  procs = _two_processes(_args(fashion_mnist_dir, workdir, 2, "device"), tmp_path, "device", compile_cache,
+  procs = _two_processes(_args(fashion_mnist_dir, workdir, 2, "device"), tmp_path, "device",
                          summaries)
   try:
     assert _wait_all(procs) == [0, 0], (_log(procs[0])[-3000:], _log(procs[1])[-3000:])
@@ -240,12 +233,12 @@ def _train_losses(workdir):
     return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
 
 
-def test_run_on_eight_devices_matches_one_device(fashion_mnist_dir, compile_cache, tmp_path):
+def test_run_on_eight_devices_matches_one_device(fashion_mnist_dir, tmp_path):
   """A whole run (16 steps, eval) on 8 fake devices vs 1: the same numbers up to float32 rounding."""
   dirs = {n: str(tmp_path / f"devices_{n}") for n in (1, 8)}
   # A 5x lower learning rate than the smoke default keeps SGD from amplifying rounding differences much.
   procs = [_launch(_args(fashion_mnist_dir, dirs[n], n) + ["--config.optimizer.learning_rate=0.002"],
-                   tmp_path / f"devices_{n}.log", compile_cache) for n in (1, 8)]
+                   tmp_path / f"devices_{n}.log") for n in (1, 8)]
   try:
     assert _wait_all(procs) == [0, 0], [_log(p)[-3000:] for p in procs]
   finally:
