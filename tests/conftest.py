@@ -81,3 +81,11 @@ def image_folder_dir(tmp_path_factory) -> str:
 def image_folder_factory(tmp_path):
   """fn(**make_image_folder kwargs) -> root of a fresh folder (for tests that damage it)."""
   return lambda **kwargs: make_image_folder(tmp_path / "images", **kwargs)
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked `heavy` first (in their own order; the rest keep theirs). The README's `-n 2` (pytest-xdist)
+  hands tests out in this order: both workers start on the long runs and the short tests fill in behind, so
+  neither is left running a long test alone at the end. No module-scoped fixture is shared between a heavy
+  and a light test, so none is set up twice."""
+  items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

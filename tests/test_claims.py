@@ -94,6 +94,7 @@ def test_families_sweep_width_leaves_lenet_at_paper_size():
 
 # --- Per-layer gradient norms ------------------------------------------------------------------------
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,expected", [
     ("alexnet", ["conv1", "conv2", "conv3", "conv4", "conv5", "head/fc1", "head/fc2", "head/logits"]),
     ("nin", [f"block{b}/{m}" for b in range(1, 5) for m in ("conv", "mlp1", "mlp2")]),

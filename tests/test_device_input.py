@@ -302,6 +302,7 @@ def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, monkeypat
 
 # --- The two modes train alike ------------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_host_and_device_input_reach_the_same_accuracy(fashion_mnist_dir, tmp_path):
   """LeNet, small geometry (32 px, pad-crop + flip), 2 epochs of the whole Fashion-MNIST train split, once
   per input mode (train.py on one CPU device, both at once): both learn (LeNet's learning test), and the test

@@ -34,6 +34,7 @@ def _array_cache(data_dir):
   return arrays.cache_root(config)
 
 
+@pytest.mark.heavy
 def test_tiny_campaign_runs_every_part_without_tensorflow(fashion_mnist_dir, tmp_path):
   out = tmp_path / "out"
   env = dict(os.environ, PYTHON=sys.executable, ARRAYS=_array_cache(fashion_mnist_dir), JAX_PLATFORMS="cpu")

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.heavy  # every test here launches train.py 2-5 times
 
 # Runs train.py (same flags) after two optional test hooks:
 #   CNN_JAX_TEST_EMULATE_PROCESSES=2: a single process is fed the global batches of 2 processes (process

@@ -115,6 +115,7 @@ def _signals_blocked(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.heavy
 def test_signals_during_set_up_exit_cleanly(fashion_mnist_dir, tmp_path):
   """SIGINT / SIGTERM at several points of set-up (imports, dataset, model, XLA compilation, first steps):
   every launch ends with 130 (SIGINT) or 143 (SIGTERM) and nothing in the workdir, or, once the loop has
@@ -184,6 +185,7 @@ def _lenet(data_dir, **overrides):
   return config
 
 
+@pytest.mark.heavy
 def test_nan_advice_names_a_good_checkpoint_and_following_it_works(fashion_mnist_dir, tmp_path, capfd):
   """LR 30: the loss explodes at step 3 and is NaN at step 10, every step checkpointed. The checkpoints
   of steps 2-9 hold exploded parameters; the error names step 1 (kept although older than the last 3),

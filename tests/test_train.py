@@ -134,6 +134,7 @@ def test_eval_step_masks_padding_and_averages_crops():
 # a lower LR and a lower bar — 0.2 on 10,000 test images is still far outside chance (0.10 +- 0.003). Its full-length accuracy is measured by the comparison runs (README).
 # LeNet's learning run is tests/test_device_input.py::test_host_and_device_input_reach_the_same_accuracy
 # (2 epochs, once per input mode, the same checks as here).
+@pytest.mark.heavy
 @pytest.mark.parametrize("model,kwargs,lr,steps,min_top1", [
     ("alexnet", dict(geometry="small", width=0.125), 0.04, 150, 0.5),
     ("vgg11", dict(geometry="small", width=0.125), 0.04, 150, 0.5),
@@ -168,6 +169,7 @@ def _run(args, timeout=300, mock_examples=None):
   return subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("dataset,model", [("cifar10", "nin"), ("imagenet2012", "alexnet")])
 def test_train_py_end_to_end_on_mock_data(dataset, model, tmp_path):
   workdir = tmp_path / "run"
