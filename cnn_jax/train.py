@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
