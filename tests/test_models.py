@@ -328,7 +328,15 @@ def test_flops_per_example_without_compiling_equals_the_compiled_count(name):
   variables = _init_shapes(model, size, channels)
   compiled = perf.host_cpu_flops(jax.jit(lambda v, x: model.apply(v, x, train=False)), variables,
                                  jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32))
-  assert summary.flops_per_example(model, variables, size, channels=channels) == compiled > 0
+  compiles = []
+  listener = lambda event, duration, **kwargs: compiles.append(event) if 'backend_compile' in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    counted = summary.flops_per_example(model, variables, size, channels=channels)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert counted == compiled > 0
+  assert not compiles, compiles  # counted without an XLA compile
 
 
 def test_summarize_lists_layers_in_call_order_with_totals():
