@@ -75,8 +75,12 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
   del init_rng
   variables = model.init({"params": params_rng, "dropout": dropout_rng},
                          jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables.get("batch_stats"), rng=state_rng)
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                            batch_stats=variables.get("batch_stats"), rng=state_rng)
+  # flax starts `step` at the Python int 0, a weakly typed int32 under jit; a restored checkpoint's step is a
+  # plain int32. Typed alike, a fresh run and a resumed one trace the very same train step, so a restart
+  # loads the executable the first launch put in a persistent compilation cache instead of recompiling.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def init_compiler_options() -> Dict[str, Any]:

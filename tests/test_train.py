@@ -1,5 +1,6 @@
 """The spine end to end: sharded step equivalence, real learning on Fashion-MNIST, train.py runs, bad input."""
 
+import functools
 import json
 import os
 import subprocess
@@ -74,6 +75,23 @@ def test_init_at_o2_is_bit_identical(name, kwargs):
   default = jax.jit(lambda k: steps_lib.create_train_state(model, tx, k, (32, 32, 3)))(key)
   assert len(jax.tree.leaves(fast)) > 4
   assert_trees_equal(fast, default)
+
+
+def test_fresh_and_restored_states_trace_the_same_train_step():
+  """A restored state holds plain int32 / float32 arrays; a fresh one must too (flax's TrainState.create starts
+  `step` at a weakly typed 0). Otherwise the first launch and every resume trace different train steps, and a
+  restart compiles again instead of loading the first launch's executable from a persistent compilation cache
+  (the HLO differed in how the schedule's clip on `step` and on the optimiser's count were shared)."""
+  config = _config(batch_size=16)
+  schedule = steps_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  model = models.get_model("lenet", 10, width=0.25)
+  fresh = steps_lib.jit_init(model, steps_lib.make_optimizer(config, schedule), (28, 28, 1))(
+      jax.random.PRNGKey(0))
+  assert not any(jax.typeof(x).weak_type for x in jax.tree.leaves(fresh)), jax.tree.map(jax.typeof, fresh)
+  restored = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), fresh)  # what a checkpoint restore returns
+  batch = {"image": jnp.zeros((16, 28, 28, 1)), "label": jnp.zeros((16,), jnp.int32)}
+  step = jax.jit(functools.partial(steps_lib.train_step, schedule=schedule))
+  assert step.lower(fresh, batch).as_text() == step.lower(restored, batch).as_text()
 
 
 def test_learning_rate_schedules():
