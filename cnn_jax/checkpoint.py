@@ -78,6 +78,32 @@ def _top1(metrics) -> float:
   return metrics.get("top1", float("-inf"))  # checkpoints between evals have no top1
 
 
+def use_replica_parallel() -> bool:
+  """Whether Orbax splits the write of a replicated array among its replicas: on TPUs only.
+
+  Orbax's default is on unless $JAX_PLATFORMS names a GPU. Each replica then copies its slice to the host,
+  which costs one small sliced program per array shape and device layout, compiled at a process's first
+  save. On a CPU every device already shares host memory: measured with 4 CPU devices (VGG-11-BN 1/8, 16
+  steps, a save every 4 steps, warm compilation cache) a train.py launch took 13.0 / 11.0 s with it and
+  8.2 / 7.0 s without (`tests/test_checkpoint.py::test_a_save_on_cpu_devices_compiles_nothing`). Orbax
+  already leaves it off for GPUs when $JAX_PLATFORMS names one; here it is used on TPUs only.
+  """
+  return jax.default_backend() == "tpu"
+
+
+_array_handler_registered = False
+
+
+def _configure_array_handler() -> None:
+  """Registers Orbax's jax.Array handler with `use_replica_parallel()` (once per process)."""
+  global _array_handler_registered
+  if not _array_handler_registered:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=use_replica_parallel()),
+        override=True)
+    _array_handler_registered = True
+
+
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager keeping the last `keep` steps, the best by eval `top1` and the last good one.
 
@@ -91,6 +117,7 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
   """
   if keep < 1:
     raise UserError(f"--config.keep_checkpoints={keep} must be >= 1")
+  _configure_array_handler()
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _DropOrbaxNotice) for f in absl_logger.filters):
     absl_logger.addFilter(_DropOrbaxNotice())
