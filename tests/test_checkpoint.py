@@ -195,6 +195,9 @@ def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, tmp_path, inpu
   reference = _launch(args + [f"--workdir={ref_dir}"], tmp_path / "reference.log")
   procs = [reference]
   try:
+    # The interrupted run starts once the reference has compiled its train step: it then loads that from
+    # the session's compilation cache (as every relaunch below does) instead of compiling it a second time.
+    _wait_until(lambda: "compiled in" in _log(reference), reference)
     # 1. SIGTERM once a few checkpoints exist: finishes the step, saves, exits 0 with a message.
     proc = _launch(args + [f"--workdir={run_dir}"], tmp_path / "run1.log")
     procs.append(proc)
