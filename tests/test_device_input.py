@@ -256,6 +256,26 @@ def test_eval_covers_every_example_once(fashion_mnist_dir):
   assert abs(a["top1"] - b["top1"]) < 1e-3 and abs(a["loss"] - b["loss"]) < 1e-3 * b["loss"]
 
 
+def test_runs_that_differ_only_in_their_seed_compile_one_step(fashion_mnist_dir, monkeypatch):
+  """The augmentation key is an argument of the jitted step, not a constant in it: seeds 0 and 1 lower the
+  very same program, so a seed sweep compiles it once (the second compile here is a compilation-cache hit).
+  That the seeds still draw different batches: test_batches_are_a_function_of_seed_and_step_only."""
+  from cnn_jax import models  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  lowered = []
+  real_compile = jax.stages.Lowered.compile
+  monkeypatch.setattr(jax.stages.Lowered, "compile",
+                      lambda self, *a, **k: lowered.append(self.as_text()) or real_compile(self, *a, **k))
+  mesh = shd.make_mesh()
+  state = steps_lib.jit_init(models.get_model("lenet", 10, width=0.25), optax.sgd(0.1), (32, 32, 3),
+                             out_shardings=shd.replicated(mesh))(jax.random.PRNGKey(0))
+  for seed in (0, 1):
+    inp = inputs.create(_config(fashion_mnist_dir, train_split="train[:1024]", seed=seed), mesh,
+                        announce=lambda line: None)
+    inp.train_step(steps_lib.train_step, state, 0)
+  assert len(lowered) == 2 and lowered[0] == lowered[1]
+
+
 # --- Choosing the mode ------------------------------------------------------------------------------
 
 def test_a_dataset_too_large_for_the_device_is_one_line_or_falls_back_to_host(fashion_mnist_dir):

@@ -159,19 +159,20 @@ class _Resident:
 
 class _DeviceTrainStep(inputs.TrainStep):
 
-  def __init__(self, compiled, resident, permutation_fn, steps_per_epoch, batch_spec):
+  def __init__(self, compiled, resident, permutation_fn, steps_per_epoch, batch_spec, augment_key):
     self.compiled = compiled
     self.batch_spec = batch_spec
     self._resident = resident
     self._permutation_fn = permutation_fn
     self._steps_per_epoch = steps_per_epoch
     self._epoch, self._perm = None, None
+    self._augment_key = augment_key
 
   def __call__(self, state, step):
     epoch = step // self._steps_per_epoch
     if epoch != self._epoch:
       self._epoch, self._perm = epoch, self._permutation_fn(epoch)
-    return self.compiled(state, self._resident.images, self._resident.labels, self._perm)
+    return self.compiled(state, self._resident.images, self._resident.labels, self._perm, self._augment_key)
 
 
 class DeviceInput(inputs.Input):
@@ -285,17 +286,23 @@ class DeviceInput(inputs.Input):
     data = P(shd.DATA_AXIS)
     return jax.shard_map(local, mesh=self._mesh, in_specs=(data, data, data, P()), out_specs=(data, data))
 
+  def _augment_key(self) -> jax.Array:
+    """The run's augmentation key, fold_in(key(seed), "aug"), replicated: an argument of the jitted step rather
+    than a constant in it, so runs that differ only in their seed run one compiled program (a seed sweep
+    compiles once, or loads it from a persistent compilation cache)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(int(self._config.seed)), 0x617567)  # "aug"
+    return jax.make_array_from_process_local_data(shd.replicated(self._mesh), np.asarray(key))
+
   def _batch_fn(self) -> Callable:
-    """fn(images, labels, perm, step) -> (image [B, S, S, 3] in the compute dtype, label [B]): the
-    augmented global batch of train step `step` (traceable; `step` may be a traced int32)."""
+    """fn(images, labels, perm, step, augment_key) -> (image [B, S, S, 3] in the compute dtype, label [B]):
+    the augmented global batch of train step `step` (traceable; `step` may be a traced int32)."""
     settings, size, eigen, mean_std, dtype = (self._settings, self._size, self._eigen, self._mean_std,
                                               self._dtype)
     gather = self._gather(
         lambda images, keys: augment_jax.train_batch(images, keys, settings, size, eigen, mean_std, dtype))
     steps_per_epoch = self.steps_per_epoch
-    augment_key = jax.random.fold_in(jax.random.PRNGKey(int(self._config.seed)), 0x617567)  # "aug"
 
-    def batch(images, labels, perm, step):
+    def batch(images, labels, perm, step, augment_key):
       return gather(images, labels, perm[step % steps_per_epoch], jax.random.fold_in(augment_key, step))
 
     return batch
@@ -309,30 +316,31 @@ class DeviceInput(inputs.Input):
     train = self._resident[self._plan.splits["train"]]
     if self._batch_jit is None:
       data, perm_sharding = self._shardings()
-      self._batch_jit = jax.jit(self._batch_fn(), in_shardings=(data, data, perm_sharding, None),
+      self._batch_jit = jax.jit(self._batch_fn(), in_shardings=(data, data, perm_sharding, None, None),
                                 out_shardings=(data, data), compiler_options=self._compiler_options)
     images, labels = self._batch_jit(train.images, train.labels, self._permutation(step // self.steps_per_epoch),
-                        jnp.int32(step))
+                                     jnp.int32(step), self._augment_key())
     return {"image": images, "label": labels}
 
   def train_step(self, step_fn, state, start_step):
     del start_step  # the batches are a function of the step number itself
     make_batch = self._batch_fn()
 
-    def device_step(state, images, labels, perm):
-      batch_images, batch_labels = make_batch(images, labels, perm, state.step)
+    def device_step(state, images, labels, perm, augment_key):
+      batch_images, batch_labels = make_batch(images, labels, perm, state.step, augment_key)
       return step_fn(state, {"image": batch_images, "label": batch_labels})
 
     data, perm_sharding = self._shardings()
     replicated = shd.replicated(self._mesh)
-    jitted = jax.jit(device_step, in_shardings=(replicated, data, data, perm_sharding),
+    jitted = jax.jit(device_step, in_shardings=(replicated, data, data, perm_sharding, replicated),
                      out_shardings=(replicated, replicated), donate_argnums=(0,),
                      compiler_options=self._compiler_options)
     train = self._resident[self._plan.splits["train"]]
-    compiled = jitted.lower(state, train.images, train.labels, self._permutation(0)).compile()
+    augment_key = self._augment_key()
+    compiled = jitted.lower(state, train.images, train.labels, self._permutation(0), augment_key).compile()
     batch_spec = {"image": jax.ShapeDtypeStruct((self._batch, self._size, self._size, 3), self._dtype),
                   "label": jax.ShapeDtypeStruct((self._batch,), jnp.int32)}
-    return _DeviceTrainStep(compiled, train, self._permutation, self.steps_per_epoch, batch_spec)
+    return _DeviceTrainStep(compiled, train, self._permutation, self.steps_per_epoch, batch_spec, augment_key)
 
   # --- Eval ---------------------------------------------------------------------------------------
 
