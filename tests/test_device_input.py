@@ -336,7 +336,7 @@ def test_host_and_device_input_reach_the_same_accuracy(fashion_mnist_dir, tmp_pa
         [sys.executable, "train.py", "--config=configs/lenet.py:small,epochs=2", f"--workdir={tmp_path / mode}",
          "--cpu_devices=1", f"--config.data_dir={fashion_mnist_dir}", f"--config.input={mode}",
          "--config.train_split=train[:30000]",
-         "--config.optimizer.learning_rate=0.05", "--config.progress=false", "--config.log_every_steps=200",
+         "--config.optimizer.learning_rate=0.05", "--config.progress=false", "--config.log_every_steps=100",
          "--config.checkpoint_every_steps=100000", "--config.eval_every_epochs=2"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for mode, proc in procs.items():
