@@ -21,6 +21,7 @@ workdir must be one shared filesystem path seen by all processes.
 
 import contextlib
 import errno
+import functools
 import gc
 import inspect
 import json
@@ -91,17 +92,11 @@ def use_replica_parallel() -> bool:
   return jax.default_backend() == "tpu"
 
 
-_array_handler_registered = False
-
-
+@functools.cache
 def _configure_array_handler() -> None:
   """Registers Orbax's jax.Array handler with `use_replica_parallel()` (once per process)."""
-  global _array_handler_registered
-  if not _array_handler_registered:
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=use_replica_parallel()),
-        override=True)
-    _array_handler_registered = True
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=use_replica_parallel()), override=True)
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:

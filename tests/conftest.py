@@ -7,6 +7,7 @@ Environment:
                                     ../shared/data/fashion_mnist beside the repo); read only.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -81,6 +82,25 @@ def image_folder_dir(tmp_path_factory) -> str:
 def image_folder_factory(tmp_path):
   """fn(**make_image_folder kwargs) -> root of a fresh folder (for tests that damage it)."""
   return lambda **kwargs: make_image_folder(tmp_path / "images", **kwargs)
+
+
+@pytest.fixture
+def backend_compiles():
+  """`with backend_compiles() as names:` collects the function name of every XLA backend compile (cache loads
+  included) that happens inside the block, from any thread (jax.monitoring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  @contextlib.contextmanager
+  def record():
+    names = []
+    listener = lambda event, duration, **kw: names.append(kw.get("fun_name")) if "backend_compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      yield names
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+
+  return record
 
 
 def pytest_collection_modifyitems(items):

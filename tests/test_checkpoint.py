@@ -113,7 +113,7 @@ def test_keeps_last_n_and_the_best(tmp_path):
   assert sorted(manager.all_steps()) == [4, 11, 12]
 
 
-def test_a_save_on_cpu_devices_compiles_nothing(tmp_path):
+def test_a_save_on_cpu_devices_compiles_nothing(tmp_path, backend_compiles):
   """Orbax's replica-parallel saving is off on the CPU (checkpoint.use_replica_parallel): a state replicated
   over the 8 devices is saved without compiling anything (with it, every array shape got a slice program at
   a process's first save) and reads back bit for bit."""
@@ -125,14 +125,9 @@ def test_a_save_on_cpu_devices_compiles_nothing(tmp_path):
   state.params = {"w": rng.normal(size=(3, 3, 8, 40)).astype(np.float32), "b": rng.normal(size=(40,)).astype(np.float32)}
   state.params, state.opt_state = jax.device_put((state.params, {"m": state.params}), replicated)
   manager = ckpt_lib.make_manager(str(tmp_path), async_save=True)
-  compiles = []
-  listener = lambda event, duration, **kw: compiles.append(kw.get("fun_name")) if "backend_compile" in event else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with backend_compiles() as compiles:
     assert ckpt_lib.save(manager, state, {"step": 3})
     ckpt_lib.wait(manager)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert not compiles, compiles
   saved = load_state(str(tmp_path), 3)
   assert_trees_equal(saved["params"], jax.device_get(state.params))

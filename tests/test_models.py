@@ -320,7 +320,7 @@ def test_flops_per_example_is_close_to_a_hand_count():
 
 
 @pytest.mark.parametrize('name', ['lenet', 'nin'])
-def test_flops_per_example_without_compiling_equals_the_compiled_count(name):
+def test_flops_per_example_without_compiling_equals_the_compiled_count(name, backend_compiles):
   """flops_per_example counts the lowered forward (no XLA compile): the very count of the compiled one."""
   from cnn_jax import perf  # pylint: disable=g-import-not-at-top
   model = models.get_model(name, 10, geometry='small', width=0.25)
@@ -328,13 +328,8 @@ def test_flops_per_example_without_compiling_equals_the_compiled_count(name):
   variables = _init_shapes(model, size, channels)
   compiled = perf.host_cpu_flops(jax.jit(lambda v, x: model.apply(v, x, train=False)), variables,
                                  jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32))
-  compiles = []
-  listener = lambda event, duration, **kwargs: compiles.append(event) if 'backend_compile' in event else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with backend_compiles() as compiles:
     counted = summary.flops_per_example(model, variables, size, channels=channels)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert counted == compiled > 0
   assert not compiles, compiles  # counted without an XLA compile
 

@@ -20,6 +20,7 @@ ten crops), covering every example exactly once.
 """
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -286,6 +287,7 @@ class DeviceInput(inputs.Input):
     data = P(shd.DATA_AXIS)
     return jax.shard_map(local, mesh=self._mesh, in_specs=(data, data, data, P()), out_specs=(data, data))
 
+  @functools.cached_property
   def _augment_key(self) -> jax.Array:
     """The run's augmentation key, fold_in(key(seed), "aug"), replicated: an argument of the jitted step rather
     than a constant in it, so runs that differ only in their seed run one compiled program (a seed sweep
@@ -319,7 +321,7 @@ class DeviceInput(inputs.Input):
       self._batch_jit = jax.jit(self._batch_fn(), in_shardings=(data, data, perm_sharding, None, None),
                                 out_shardings=(data, data), compiler_options=self._compiler_options)
     images, labels = self._batch_jit(train.images, train.labels, self._permutation(step // self.steps_per_epoch),
-                                     jnp.int32(step), self._augment_key())
+                                     jnp.int32(step), self._augment_key)
     return {"image": images, "label": labels}
 
   def train_step(self, step_fn, state, start_step):
@@ -336,11 +338,10 @@ class DeviceInput(inputs.Input):
                      out_shardings=(replicated, replicated), donate_argnums=(0,),
                      compiler_options=self._compiler_options)
     train = self._resident[self._plan.splits["train"]]
-    augment_key = self._augment_key()
-    compiled = jitted.lower(state, train.images, train.labels, self._permutation(0), augment_key).compile()
+    compiled = jitted.lower(state, train.images, train.labels, self._permutation(0), self._augment_key).compile()
     batch_spec = {"image": jax.ShapeDtypeStruct((self._batch, self._size, self._size, 3), self._dtype),
                   "label": jax.ShapeDtypeStruct((self._batch,), jnp.int32)}
-    return _DeviceTrainStep(compiled, train, self._permutation, self.steps_per_epoch, batch_spec, augment_key)
+    return _DeviceTrainStep(compiled, train, self._permutation, self.steps_per_epoch, batch_spec, self._augment_key)
 
   # --- Eval ---------------------------------------------------------------------------------------
 
