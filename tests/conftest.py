@@ -46,6 +46,23 @@ def fashion_mnist_dir(tmp_path_factory) -> str:
   return data_dir
 
 
+@pytest.fixture(scope="session")
+def fashion_mnist_arrays(fashion_mnist_dir) -> str:
+  """The session's array cache (CNN_JAX_ARRAY_CACHE_DIR, see ../conftest.py) holding Fashion-MNIST train and
+  test, written here once per worker (this process has TensorFlow loaded already). Tests that launch train.py
+  with the device input use it, so their processes read the cache instead of each importing TensorFlow and
+  decoding the 70,000 images itself (several at once, early in a run). Returns the cache root."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from configs import lenet  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data import arrays  # pylint: disable=g-import-not-at-top
+  config = lenet.get_config("smoke")
+  config.data_dir = fashion_mnist_dir
+  for split in ("train", "test"):
+    arrays.get_split(config, split, None, announce=lambda line: None)
+  return arrays.cache_root(config)
+
+
 def make_image_folder(root, splits=(("train", 6), ("test", 3)), classes=("cat", "dog", "bird"),
                       seed: int = 0) -> str:
   """Writes root/<split>/<class>/img_<i>.{png,jpg} of varied sizes and returns root.

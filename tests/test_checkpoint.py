@@ -173,7 +173,7 @@ def _finish(proc, timeout=240):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("input_mode,kills", [("device", True), ("host", False)])
-def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, tmp_path, input_mode, kills):
+def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, tmp_path, input_mode, kills, request):
   """SIGTERM, then kill -9 during start-up, then kill -9 mid-training (maybe mid-save); the resumed run ends
   with the same checkpoint arrays (bit for bit), the same eval metrics and the same metrics.jsonl as an
   uninterrupted run. LeNet with dropout 0.5 on its hidden FC layers (the paper's LeNet has none): the dropout
@@ -188,6 +188,8 @@ def test_interrupted_runs_resume_bit_identical(fashion_mnist_dir, tmp_path, inpu
           "--config.train_split=train[:2048]", "--config.eval_split=test[:512]",
           "--config.num_train_steps=40", "--config.log_every_steps=5", "--config.checkpoint_every_steps=3",
           "--config.eval_every_epochs=0.3", "--config.progress=false", "--cpu_devices=2"]
+  if input_mode == "device":
+    request.getfixturevalue("fashion_mnist_arrays")  # the launches read the session's array cache
   ref_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "interrupted")
   reference = _launch(args + [f"--workdir={ref_dir}"], tmp_path / "reference.log")
   procs = [reference]

@@ -323,7 +323,7 @@ def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, monkeypat
 # --- The two modes train alike ------------------------------------------------------------------------
 
 @pytest.mark.heavy
-def test_host_and_device_input_reach_the_same_accuracy(fashion_mnist_dir, tmp_path):
+def test_host_and_device_input_reach_the_same_accuracy(fashion_mnist_dir, fashion_mnist_arrays, tmp_path):
   """LeNet, small geometry (32 px, pad-crop + flip), 2 epochs of half the Fashion-MNIST train split (468
   steps), once per input mode (train.py on one CPU device, both at once): both learn (LeNet's learning
   test), and the top-1 on the whole test split lands within 1 point (different random draws from the same

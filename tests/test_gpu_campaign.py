@@ -22,22 +22,10 @@ import profile_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-imp
 PARTS = ("env", "throughput", "profile", "end_to_end", "accuracy")
 
 
-def _array_cache(data_dir):
-  """The session's array cache root (conftest.py), holding Fashion-MNIST train and test."""
-  sys.path.insert(0, REPO)
-  from configs import lenet  # pylint: disable=g-import-not-at-top
-  from cnn_jax.data import arrays  # pylint: disable=g-import-not-at-top
-  config = lenet.get_config("smoke")
-  config.data_dir = data_dir
-  for split in ("train", "test"):
-    arrays.get_split(config, split, None)  # written once per session (with TensorFlow), then only read
-  return arrays.cache_root(config)
-
-
 @pytest.mark.heavy
-def test_tiny_campaign_runs_every_part_without_tensorflow(fashion_mnist_dir, tmp_path):
+def test_tiny_campaign_runs_every_part_without_tensorflow(fashion_mnist_arrays, tmp_path):
   out = tmp_path / "out"
-  env = dict(os.environ, PYTHON=sys.executable, ARRAYS=_array_cache(fashion_mnist_dir), JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHON=sys.executable, ARRAYS=fashion_mnist_arrays, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # conftest's fake devices are for this process only
   proc = subprocess.run(["bash", "benchmarks/gpu_campaign.sh", str(out), "--tiny"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)

@@ -201,7 +201,7 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_
   assert abs(multi[0]["final_top1"] - single_summary["final_top1"]) <= 2 / 500  # at most 2 flips
 
 
-def test_two_processes_with_device_input(fashion_mnist_dir, tmp_path):
+def test_two_processes_with_device_input(fashion_mnist_dir, fashion_mnist_arrays, tmp_path):
   """Device-resident input on 2 processes: each holds and draws only its half of the train split (the log
   says 1,024 of 2,048 images per process), both finish with the same global numbers, eval covers the
   500 test images once. What is checked here is the input's split between processes, so LeNet (BatchNorm
@@ -235,7 +235,7 @@ def _train_losses(workdir):
     return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
 
 
-def test_run_on_eight_devices_matches_one_device(fashion_mnist_dir, tmp_path):
+def test_run_on_eight_devices_matches_one_device(fashion_mnist_dir, fashion_mnist_arrays, tmp_path):
   """A whole run (16 steps, eval) on 8 fake devices vs 1: the same numbers up to float32 rounding. Device-resident
   input: its batches, augmentation included, do not depend on the device count (tests/test_device_input.py), and
   neither process imports TensorFlow once the session's array cache holds the split."""
