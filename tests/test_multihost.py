@@ -33,10 +33,24 @@ pytestmark = pytest.mark.heavy  # every test here launches train.py 2-5 times
 #     a different (equally valid) order.
 #   CNN_JAX_TEST_SUMMARY_DIR: every process writes the summary it returns to summary_<process>.json (only
 #     process 0 writes the workdir's summary.json).
+# And always: every process writes its own entries to the session's persistent compilation cache. JAX writes
+# from process 0 only (against write contention on shared file systems), and on CPU devices the cache keys of
+# process 1 differ from process 0's (they hash the device topology, which differs per process), so process 1
+# otherwise compiles its programs again at every launch, e.g. the resume after the SIGTERM.
 _WRAPPER = r"""
 import json, os, runpy, sys
 import numpy as np
 sys.path.insert(0, os.getcwd())
+from jax._src import compiler as _compiler, distributed as _distributed
+_cache_write = _compiler._cache_write
+def _cache_write_from_any_process(*args, **kwargs):
+  process_id = _distributed.global_state.process_id
+  _distributed.global_state.process_id = 0
+  try:
+    return _cache_write(*args, **kwargs)
+  finally:
+    _distributed.global_state.process_id = process_id
+_compiler._cache_write = _cache_write_from_any_process
 from cnn_jax import data as data_lib
 from cnn_jax import train as train_lib
 
