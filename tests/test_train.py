@@ -149,13 +149,14 @@ def test_eval_step_masks_padding_and_averages_crops():
 # NiN is the slow starter (ReLUs right before global average pooling, no FC head; the chapter says it "can
 # take longer to train", and at LR 0.05 this tiny one collapsed to constant logits): it gets twice the steps,
 # a lower LR and a lower bar — 0.2 on 10,000 test images is still far outside chance (0.10 +- 0.003). Its full-length accuracy is measured by the comparison runs (README).
+# At width 1/8 like the others (measured: top-1 0.339, train loss 3.02 -> 1.85; 80 CPU-s where width 1/4 took 115).
 # LeNet's learning run is tests/test_device_input.py::test_host_and_device_input_reach_the_same_accuracy
 # (2 epochs, once per input mode, the same checks as here).
 @pytest.mark.heavy
 @pytest.mark.parametrize("model,kwargs,lr,steps,min_top1", [
     ("alexnet", dict(geometry="small", width=0.125), 0.04, 150, 0.5),
     ("vgg11", dict(geometry="small", width=0.125), 0.04, 150, 0.5),
-    ("nin", dict(geometry="small", width=0.25), 0.02, 300, 0.2),
+    ("nin", dict(geometry="small", width=0.125), 0.02, 300, 0.2),
 ])
 def test_short_fashion_mnist_run_learns(model, kwargs, lr, steps, min_top1, fashion_mnist_dir, tmp_path):
   """A few hundred steps lower the loss and beat chance (0.10) clearly on the whole test split."""
