@@ -35,8 +35,6 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_num_cpu_devices", int(os.environ.get("CNN_JAX_TEST_DEVICES", "8")))
 
-try:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-except ImportError:
-  pass
+# TensorFlow (GPUs hidden from it) is imported by tests/conftest.py's session fixture, in the processes that run
+# tests: not here, where pytest-xdist's controller (which runs none) would spend ~7 CPU-seconds on it before it
+# starts the workers.

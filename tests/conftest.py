@@ -18,6 +18,17 @@ _FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.g
                         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tensorflow_without_gpus():
+  """TensorFlow imported before the first test of each test process, with GPUs hidden from it (it must never
+  compete with JAX for one), as the product's own TensorFlow entry points do (cnn_jax/data/tf_runtime.py)."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  tf.config.set_visible_devices([], "GPU")
+
+
 def _fashion_mnist_prepared(data_dir: str) -> bool:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.builder("fashion_mnist", data_dir=data_dir).is_prepared()
