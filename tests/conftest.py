@@ -9,6 +9,7 @@ Environment:
 
 import contextlib
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -60,10 +61,10 @@ def fashion_mnist_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def fashion_mnist_arrays(fashion_mnist_dir) -> str:
   """The session's array cache (CNN_JAX_ARRAY_CACHE_DIR, see ../conftest.py) holding Fashion-MNIST train and
-  test, written here once per worker (this process has TensorFlow loaded already). Tests that launch train.py
-  with the device input use it, so their processes read the cache instead of each importing TensorFlow and
-  decoding the 70,000 images itself (several at once, early in a run). Returns the cache root."""
-  import sys  # pylint: disable=g-import-not-at-top
+  test: written here by the first test process that needs it (TensorFlow is loaded here already), found by the
+  others. Tests that launch train.py with the device input use it, so their processes read the cache instead of
+  each importing TensorFlow and decoding the 70,000 images itself (several at once, early in a run). Returns the
+  cache root."""
   sys.path.insert(0, REPO)
   from configs import lenet  # pylint: disable=g-import-not-at-top
   from cnn_jax.data import arrays  # pylint: disable=g-import-not-at-top
