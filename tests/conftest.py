@@ -8,6 +8,7 @@ Environment:
 """
 
 import contextlib
+import importlib
 import os
 import sys
 
@@ -22,12 +23,11 @@ _FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.g
 @pytest.fixture(scope="session", autouse=True)
 def _tensorflow_without_gpus():
   """TensorFlow imported before the first test of each test process, with GPUs hidden from it (it must never
-  compete with JAX for one), as the product's own TensorFlow entry points do (cnn_jax/data/tf_runtime.py)."""
+  compete with JAX for one): the product's own import of it, cnn_jax/data/tf_runtime.py."""
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    importlib.import_module("cnn_jax.data.tf_runtime")
   except ImportError:
-    return
-  tf.config.set_visible_devices([], "GPU")
+    pass
 
 
 def _fashion_mnist_prepared(data_dir: str) -> bool:
@@ -38,8 +38,6 @@ def _fashion_mnist_prepared(data_dir: str) -> bool:
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory) -> str:
   """A tfds data_dir holding the prepared real Fashion-MNIST (60,000 train / 10,000 test)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   prepared = os.environ.get("CNN_JAX_TFDS_DATA_DIR")
