@@ -152,11 +152,12 @@ def test_bf16_keeps_float32_state_and_computes_in_bf16(family):
     assert floats and all(_f32(x) for x in floats), {str(x.dtype) for x in floats}
   assert _f32(family["bfloat16"]["metrics"]["loss"]) and _f32(family["bfloat16"]["metrics"]["grad_norm"])
 
-  # Every conv and dense layer outputs bf16; the logits come out float32.
+  # Every conv and dense layer outputs bf16; the logits come out float32. Dtypes are fixed when the forward pass
+  # is traced, so its abstract evaluation says it without compiling the forward pass.
   is_layer = lambda module, method: isinstance(module, (layers.Conv, nn.Dense)) and method == "__call__"
-  apply = jax.jit(functools.partial(models["bfloat16"].apply, train=True, capture_intermediates=is_layer,
-                                    mutable=["intermediates"]))
-  logits, inter = apply({"params": state0.params}, batch["image"])
+  apply = functools.partial(models["bfloat16"].apply, train=True, capture_intermediates=is_layer,
+                            mutable=["intermediates"])
+  logits, inter = jax.eval_shape(apply, {"params": state0.params}, batch["image"])
   outs = jax.tree.leaves(inter["intermediates"])
   n_layers = len(jax.tree.leaves(state0.params)) // 2  # a kernel and a bias each
   assert len(outs) == n_layers, (len(outs), n_layers)
