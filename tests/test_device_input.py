@@ -292,17 +292,23 @@ def test_a_dataset_too_large_for_the_device_is_one_line_or_falls_back_to_host(fa
 
 # --- Resume -----------------------------------------------------------------------------------------
 
-def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("input_mode", ["device", "host"])
+def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, monkeypatch, input_mode):
   """A run stopped by SIGTERM after step 5 and resumed ends with the same parameters, bit for bit, as an
-  uninterrupted run (device input: the batches are a function of the step)."""
+  uninterrupted run: the resumed input continues with the very batches the uninterrupted run drew (device
+  input: they are a function of the step; host input: the tf.data pipeline, which had already prefetched
+  batches past the stop, starts again at the resumed step). LeNet with dropout 0.5: the dropout RNG resumes
+  too. The same with real processes and kill -9: tests/test_checkpoint.py::test_interrupted_runs_resume_bit_identical."""
   from tests.test_checkpoint import assert_trees_equal, load_state  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data import host_input  # pylint: disable=g-import-not-at-top
   fields = dict(train_split="train[:512]", eval_split="test[:128]", num_train_steps=12,
-                checkpoint_every_steps=100, eval_every_epochs=0.5, log_every_steps=4)
+                checkpoint_every_steps=100, eval_every_epochs=0.5, log_every_steps=4, input=input_mode)
   fields["model_kwargs.dropout_rate"] = 0.5
   reference = str(tmp_path / "reference")
   train.train_and_evaluate(_config(fashion_mnist_dir, **fields), reference)
 
-  real_call = device_input._DeviceTrainStep.__call__  # pylint: disable=protected-access
+  step_class = {"device": device_input._DeviceTrainStep, "host": host_input._HostTrainStep}[input_mode]  # pylint: disable=protected-access
+  real_call = step_class.__call__
 
   def call_and_signal(self, state, step):
     out = real_call(self, state, step)
@@ -310,14 +316,18 @@ def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, monkeypat
       os.kill(os.getpid(), signal.SIGTERM)  # the loop stops before step 6
     return out
 
-  monkeypatch.setattr(device_input._DeviceTrainStep, "__call__", call_and_signal)  # pylint: disable=protected-access
+  monkeypatch.setattr(step_class, "__call__", call_and_signal)
   resumed = str(tmp_path / "resumed")
   result = train.train_and_evaluate(_config(fashion_mnist_dir, **fields), resumed)
   assert result["stopped"] == "SIGTERM" and result["step"] == 5
-  monkeypatch.setattr(device_input._DeviceTrainStep, "__call__", real_call)  # pylint: disable=protected-access
+  monkeypatch.setattr(step_class, "__call__", real_call)
   summary = train.train_and_evaluate(_config(fashion_mnist_dir, **fields), resumed)
   assert summary["steps"] == 12
+  assert json.load(open(os.path.join(reference, "run_info.json")))["input"] == input_mode
   assert_trees_equal(load_state(resumed, 12), load_state(reference, 12))
+  ref_summary = json.load(open(os.path.join(reference, "summary.json")))
+  for k in ("final_top1", "final_loss", "eval_examples"):
+    assert summary[k] == ref_summary[k], k
 
 
 # --- The two modes train alike ------------------------------------------------------------------------
