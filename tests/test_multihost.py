@@ -1,10 +1,10 @@
 """Multi-process training on jax.distributed, for real: two processes of train.py on 127.0.0.1.
 
-Each process has 2 fake CPU devices (a 4-device global mesh), reads its own half of the train split and
-feeds half of every global batch; gloo carries the cross-process collectives. The run is compared with a
-single process on 4 fake devices that is fed the very same global batches, and a SIGTERM sent to process 1
-alone must stop both processes at the same step with a checkpoint that a second two-process launch
-resumes. Also: a whole run on 8 devices equals the same run on 1 device (BatchNorm statistics and dropout
+In the first test each process has 1 fake CPU device (a 2-device global mesh), reads its own half of the
+train split and feeds half of every global batch; gloo carries the cross-process collectives. The run is
+compared, bit for bit, with a single process on 2 fake devices that is fed the very same global batches, and
+a SIGTERM sent to process 1 alone must stop both processes at the same step with a checkpoint that a second
+two-process launch resumes. The device-input test runs 2 devices per process. Also: a whole run on 8 devices equals the same run on 1 device (BatchNorm statistics and dropout
 are global, not per device).
 
 VGG-11 with BatchNorm (and dropout) at width 1/8 and 32 px keeps every run to seconds of compute.
@@ -160,13 +160,13 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_
   procs = []
   try:
     # The single-process reference (4 devices, the 2-process global batches) runs alongside launch 1.
-    single = _launch(_args(fashion_mnist_dir, single_dir, 4), tmp_path / "single.log",
+    single = _launch(_args(fashion_mnist_dir, single_dir, 2), tmp_path / "single.log",
                      CNN_JAX_TEST_EMULATE_PROCESSES="2")
     procs.append(single)
 
     # Launch 1: SIGTERM to process 1 only, once a checkpoint exists; both must stop at the same step,
     # save, and exit 0 (neither may hang waiting for the other in a collective).
-    first = _two_processes(_args(fashion_mnist_dir, multi_dir, 2), tmp_path, "launch1",
+    first = _two_processes(_args(fashion_mnist_dir, multi_dir, 1), tmp_path, "launch1",
                            summaries)
     procs += first
     deadline = time.time() + 240
@@ -185,7 +185,7 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_
                               {"stopped": "SIGTERM", "step": stopped_at}]
 
     # Launch 2: the same command resumes from that checkpoint in both processes and finishes.
-    second = _two_processes(_args(fashion_mnist_dir, multi_dir, 2), tmp_path, "launch2",
+    second = _two_processes(_args(fashion_mnist_dir, multi_dir, 1), tmp_path, "launch2",
                             summaries)
     procs += second
     assert _wait_all(second) == [0, 0], (_log(second[0])[-3000:], _log(second[1])[-3000:])
@@ -199,20 +199,20 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_
   # Both processes report the same global numbers (metrics are reduced over the global batch).
   for k in ("final_top1", "final_top5", "final_loss", "steps", "eval_examples", "num_devices"):
     assert multi[0][k] == multi[1][k], k
-  assert multi[0]["num_devices"] == 4 and multi[0]["eval_examples"] == 500  # every example once
+  assert multi[0]["num_devices"] == 2 and multi[0]["eval_examples"] == 500  # every example once
   run_info = json.load(open(os.path.join(multi_dir, "run_info.json")))
-  assert run_info["num_processes"] == 2 and run_info["num_devices"] == 4
+  assert run_info["num_processes"] == 2 and run_info["num_devices"] == 2
 
-  # Two processes vs one process, same 4-device mesh and global batches: only the order in which the
-  # cross-device sums are added differs (gloo vs in-process), i.e. float32 rounding. Measured: relative L2
-  # distance of all params 5e-8 (batch_stats 2e-7), max abs difference 3e-7 after 16 steps.
+  # Two processes vs one process, the same 2-device mesh and global batches: every cross-device sum (gradients,
+  # BatchNorm moments, metrics) has two operands, a single IEEE addition, which is commutative, so gloo's
+  # all-reduce and the in-process one give the same bits whatever order each uses. (With 4 devices the sums
+  # associate differently, ((a+b)+c)+d vs (a+b)+(c+d): rounding that 16 SGD steps grow to a relative distance
+  # of 5e-8 on an AMD EPYC and 4e-5 on an Intel AVX-512 CPU, so no tolerance would be a measured one.)
   a, b = _load_state(multi_dir, 16), _load_state(single_dir, 16)
-  for kind in ("params", "batch_stats"):
-    assert _relative_distance(a[kind], b[kind]) < 1e-5, kind
-    for x, y in zip(jax.tree.leaves(a[kind]), jax.tree.leaves(b[kind])):
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
-  assert abs(multi[0]["final_loss"] - single_summary["final_loss"]) < 1e-4
-  assert abs(multi[0]["final_top1"] - single_summary["final_top1"]) <= 2 / 500  # at most 2 flips
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  for k in ("final_top1", "final_top5", "final_loss", "eval_examples"):
+    assert multi[0][k] == single_summary[k], k
 
 
 def test_two_processes_with_device_input(fashion_mnist_dir, fashion_mnist_arrays, tmp_path):
