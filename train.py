@@ -110,9 +110,9 @@ def _flag_error_line(error: BaseException, argv) -> str:
 def _parse_flags(argv):
   """absl flag parsing with every failure reduced to one 'error: ...' line and exit status 2."""
   # First of all: Ctrl-C / SIGTERM from here on exit cleanly (status 130 / 143) instead of raising
-  # KeyboardInterrupt wherever the interpreter happens to be (see cnn_jax/recovery.py).
-  from cnn_jax import recovery  # pylint: disable=g-import-not-at-top
-  recovery.guard_process()
+  # KeyboardInterrupt wherever the interpreter happens to be (see cnn_jax/signals.py).
+  from cnn_jax import signals  # pylint: disable=g-import-not-at-top
+  signals.guard_process()
   try:
     args = FLAGS(argv)
     if FLAGS["config"].present:

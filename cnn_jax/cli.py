@@ -1,6 +1,6 @@
 """Process start-up shared by the command-line entry points.
 
-`setup_runtime` guards the process against signals (cnn_jax.recovery.guard_process), sets the (fake) CPU
+`setup_runtime` guards the process against signals (cnn_jax.signals.guard_process), sets the (fake) CPU
 device count and joins the multi-process runtime (jax.distributed) when asked; `run(fn, ...)` turns a `UserError` into one line on stderr and exit status 2 (NaN/Inf: status 3),
 with no traceback. Signals: during set-up SIGINT exits with 130 and SIGTERM with 143 at once; during
 training either stops after the step in flight, saves and exits 0; a second one exits at once (130 / 143).
@@ -21,7 +21,7 @@ from cnn_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
-EXIT_INTERRUPTED = 130  # the shell's status for SIGINT (cnn_jax.recovery.EXIT_SIGINT)
+EXIT_INTERRUPTED = 130  # the shell's status for SIGINT (cnn_jax.signals.EXIT_SIGINT)
 
 # Environment variables by which a cluster launcher tells JAX it is one of several processes;
 # `jax.distributed.initialize()` auto-detects the coordinator from them.
@@ -54,9 +54,9 @@ def setup_runtime(coordinator_address=None, num_processes=None, process_id=None,
   distributed: 'auto' joins when a coordinator is given or a cluster launcher is detected;
   'on' always calls jax.distributed.initialize() (auto-detection); 'off' never does.
   """
-  # Before TensorFlow and JAX start their threads, which inherit the blocked signals (see recovery).
-  from cnn_jax import recovery  # pylint: disable=g-import-not-at-top
-  recovery.guard_process()
+  # Before TensorFlow and JAX start their threads, which inherit the blocked signals (see cnn_jax.signals).
+  from cnn_jax import signals  # pylint: disable=g-import-not-at-top
+  signals.guard_process()
   # Flags first: a mistake is reported before TensorFlow and JAX take seconds to start.
   explicit = coordinator_address is not None
   detected = _cluster_size_from_env() if distributed == "auto" else None

@@ -57,6 +57,7 @@ def quiet_libraries(verbose: Optional[bool] = None) -> bool:
   if _VERBOSE:
     return True
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # see cnn_jax/data/tf_runtime.py
   try:
     from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -66,3 +66,13 @@ def fingerprint(config) -> Dict[str, Any]:
   fields = fingerprint_fields(config)
   blob = json.dumps(fields, sort_keys=True).encode()
   return {"hash": hashlib.sha256(blob).hexdigest()[:16], "fields": fields}
+
+
+def run_fingerprint(config_hash: str, lineage: Dict[str, Any]) -> str:
+  """The fingerprint a run reports: its config's, or, once the config changed mid-run, a different one
+  (so report.py does not compare the run as if it had used the new values throughout)."""
+  changes = lineage.get("config_changes") or []
+  if not changes:
+    return config_hash
+  blob = json.dumps([config_hash, changes], sort_keys=True, default=str).encode()
+  return "changed-" + hashlib.sha256(blob).hexdigest()[:16]

@@ -196,7 +196,7 @@ def decodable(data: bytes, channels: int) -> bytes:
   """`data` as bytes the eval pipeline decodes right: CMYK JPEGs (which TF cannot decode to one channel
   and decodes to wrong colours as three) and anything else TF rejects are converted with PIL to PNG."""
   import io  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data.tf_runtime import tf  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(io.BytesIO(data)) as image:
@@ -220,7 +220,7 @@ def decodable(data: bytes, channels: int) -> bytes:
 
 def read_image(path: str) -> bytes:
   """The file's bytes, checked to decode as an image; UserError naming the file otherwise."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data.tf_runtime import tf  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise UserError(f"{path}: no such file")
   with open(path, "rb") as f:

@@ -1,8 +1,9 @@
-"""Train state, optimiser, and the pure step functions.
+"""Train state, optimiser, the pure step functions, and the one place they are jitted over the mesh.
 
 `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> sums` are plain functions of
-arrays; `cnn_jax.train` jits them over the mesh. The dropout key of step t is `fold_in(state.rng, t)`, so a
-resumed run draws exactly the masks an uninterrupted one would.
+arrays. `jit_train_step` / `jit_eval_step` put an input's pure batch function in front of them and jit the
+pair over the mesh (cnn_jax/data/input_api.py); `jit_init` compiles the parameter init. The dropout key of
+step t is `fold_in(state.rng, t)`, so a resumed run draws exactly the masks an uninterrupted one would.
 """
 
 import functools
@@ -15,6 +16,10 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from cnn_jax import sharding as shd
+from cnn_jax.data import input_api
+from cnn_jax.specs import OptimizerSpec
+
 
 class TrainState(train_state.TrainState):
   """Params, optimiser state, step (from flax), plus BatchNorm statistics and the base RNG key."""
@@ -22,21 +27,26 @@ class TrainState(train_state.TrainState):
   rng: jax.Array = None
 
 
-def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-  """LR per step: linear scaling with the global batch (base LR is for batch 128), then the schedule.
+def learning_rate_schedule(opt: OptimizerSpec, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """LR per step: linear scaling with the global batch (the base LR is for batch 128), then the schedule.
 
-  cosine: linear warmup over `warmup_epochs`, cosine decay to 0 at `total_steps`.
-  step:   (warmup, then) the base LR times `step_factor` at each of `step_epochs` (the AlexNet/VGG recipe).
+  cosine:   linear warmup over `warmup_epochs`, cosine decay to 0 at `total_steps`.
+  linear:   linear warmup, then linear decay to 0 at `total_steps`.
+  step:     (warmup, then) the base LR times `step_factor` at each of `step_epochs` (the AlexNet/VGG recipe).
   constant: the base LR.
   """
-  base_lr = config.optimizer.learning_rate * config.batch_size / 128
-  sched = config.schedule
+  base_lr = opt.peak_learning_rate
+  sched = opt.schedule
   warmup = int(round(sched.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_steps - 1, 0))
   if sched.name == "cosine":
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=base_lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  if sched.name == "linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, base_lr, warmup),
+         optax.linear_schedule(base_lr, 0.0, max(total_steps - warmup, 1))], [warmup])
   if sched.name == "step":
     boundaries = {int(e * steps_per_epoch): sched.step_factor for e in sched.step_epochs}
     main = optax.piecewise_constant_schedule(base_lr, boundaries)
@@ -55,9 +65,8 @@ def _decay_mask(params):
   return flax.traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
 
 
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerSpec, schedule: optax.Schedule) -> optax.GradientTransformation:
   """SGD with momentum and L2 weight decay added to the gradient before momentum (as in AlexNet)."""
-  opt = config.optimizer
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
@@ -86,12 +95,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 def init_compiler_options() -> Dict[str, Any]:
   """XLA options for the jitted `create_train_state`: on the CPU, LLVM at -O2 rather than XLA's default -O3.
 
-  The init runs once, but at -O3 its random initialisers (threefry hashing, then the normal / truncated-normal
-  transforms) make its compile and first run take 6.7-15.8 s on a 2-core CPU for the models here; at -O2
-  1.8-9.1 s (the larger numbers are VGG at 224 px, where running the init itself takes seconds). The
-  parameters are bit-identical (`tests/test_train.py::test_init_at_o2_is_bit_identical`,
-  `benchmarks/init_compile.py`; -O0 is not: it rounds the normal transforms differently). Train and eval
-  steps keep the default: their results would change in the last bit. Elsewhere {}.
+  The init runs once, and at -O3 its random initialisers (threefry hashing, the normal / truncated-normal
+  transforms) take several times longer to compile. At -O2 the parameters are bit-identical
+  (`tests/test_train.py::test_init_at_o2_is_bit_identical`; -O0 is not: it rounds the normal transforms
+  differently). Train and eval steps keep the default: their results would change in the last bit. Elsewhere {}.
   """
   return {"xla_backend_optimization_level": 2} if jax.default_backend() == "cpu" else {}
 
@@ -217,3 +224,28 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array]) -> Dict[str, jax.A
       "top5": jnp.sum(_topk_correct(logits, labels, 5) * mask),
       "count": jnp.sum(mask),
   }
+
+
+# --- Compiled over the mesh: the one place the train and eval programs are jitted ------------------
+
+def jit_train_step(step_fn: Callable, inp, mesh, compiler_options=None) -> Callable:
+  """`train(state, args) -> (state, metrics)`: `step_fn(state, inp.make_batch(args, state.step))` under one
+  jit, the state replicated (and donated), `args` (inp.train_args(step)) with the input's shardings."""
+  replicated = shd.replicated(mesh)
+
+  def train(state, args):
+    return step_fn(state, inp.make_batch(args, state.step))
+
+  return jax.jit(train, in_shardings=(replicated, input_api.shardings(inp.train_spec())),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,), compiler_options=compiler_options)
+
+
+def jit_eval_step(eval_fn: Callable, inp, mesh, split=None, compiler_options=None) -> Callable:
+  """`evaluate(state, args) -> sums`: `eval_fn(state, inp.make_eval_batch(args))` under one jit."""
+  replicated = shd.replicated(mesh)
+
+  def evaluate(state, args):
+    return eval_fn(state, inp.make_eval_batch(args))
+
+  return jax.jit(evaluate, in_shardings=(replicated, input_api.shardings(inp.eval_spec(split))),
+                 out_shardings=replicated, compiler_options=compiler_options)

@@ -28,6 +28,7 @@ import pytest
 from cnn_jax import ops
 from cnn_jax import steps as steps_lib
 from cnn_jax import train
+from cnn_jax.specs import OptimizerSpec
 from cnn_jax.models import layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,7 @@ def run_family(name):
   _, size, lr = FAMILIES[name]
   models = {dt: train.build_model(_config(name, dt), 10) for dt in ("float32", "bfloat16")}
   config = _config(name, "bfloat16")
-  tx = optax.chain(_record_grads(), steps_lib.make_optimizer(config, optax.constant_schedule(lr)))
+  tx = optax.chain(_record_grads(), steps_lib.make_optimizer(OptimizerSpec.from_config(config), optax.constant_schedule(lr)))
   # The bf16 model's own create_train_state; the fp32 state is the same arrays with the fp32 apply_fn.
   # An rbg key: threefry's random init takes ~8 s to compile per family on this CPU, rbg ~1.5 s.
   init = jax.jit(functools.partial(steps_lib.create_train_state, models["bfloat16"], tx,

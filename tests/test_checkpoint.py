@@ -22,7 +22,9 @@ import pytest
 from cnn_jax import checkpoint as ckpt_lib
 from cnn_jax import cli
 from cnn_jax import train
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.compare.sweep import apply_overrides
+from cnn_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMING_KEYS = {"time", "img_per_s", "mfu", "wall_s"}
@@ -386,22 +388,22 @@ def test_nonfinite_loss_stops_with_status_3_and_keeps_last_good(fashion_mnist_di
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(last["params"]))
 
 
-def test_sigint_in_process_finishes_the_step_and_saves(fashion_mnist_dir, tmp_path, monkeypatch):
+def test_sigint_in_process_finishes_the_step_and_saves(fashion_mnist_dir, tmp_path):
   """Ctrl-C during training: the step finishes, a checkpoint is written, the summary says 'stopped'."""
-  from cnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  real = data_lib.create_train_iter
 
-  def interrupting_iter(*args, **kwargs):
-    for i, batch in enumerate(real(*args, **kwargs)):
-      if i == 6:  # the loop is a few steps in (2 batches are prefetched)
+  class InterruptAfterStep6:  # a hook of the loop's (cnn_jax.hooks interface)
+    def after_step(self, step, state, metrics):
+      if step == 6:
         os.kill(os.getpid(), signal.SIGINT)
-      yield batch
 
-  monkeypatch.setattr(data_lib, "create_train_iter", interrupting_iter)
+    def at_end(self, step, state, stopped):
+      pass
+
   wd = str(tmp_path / "sigint")
   before = signal.getsignal(signal.SIGINT)
   result = train.train_and_evaluate(_lenet_config(fashion_mnist_dir, num_train_steps=50, input="host",
-                                                  checkpoint_every_steps=100, eval_every_epochs=100.0), wd)
+                                                  checkpoint_every_steps=100, eval_every_epochs=100.0), wd,
+                                    hooks=[InterruptAfterStep6()])
   assert result["stopped"] == "SIGINT" and 0 < result["step"] < 50
   assert steps_in(wd) == [result["step"]]
   assert signal.getsignal(signal.SIGINT) is before  # our handler is uninstalled
@@ -410,10 +412,10 @@ def test_sigint_in_process_finishes_the_step_and_saves(fashion_mnist_dir, tmp_pa
 def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
   wd = str(tmp_path / "busy")
   os.makedirs(wd)
-  with train._WorkdirLock(wd):  # pylint: disable=protected-access
-    with pytest.raises(train.UserError, match="in use by another run"):
+  with workdir_lib.Lock(wd):
+    with pytest.raises(UserError, match="in use by another run"):
       train.train_and_evaluate(_config("lenet"), wd)
-  with train._WorkdirLock(wd):  # released, so it can be taken again
+  with workdir_lib.Lock(wd):  # released, so it can be taken again
     pass
 
 

@@ -279,8 +279,8 @@ def _test_images(config, n, folder):
 
 
 def test_predict_matches_eval(sweep_root, tmp_path):
-  from cnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from cnn_jax import predict  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   _, root, _, _ = sweep_root
   workdir = os.path.join(root, "nin_s0")
   predictor = predict.Predictor.from_run(workdir=workdir)
@@ -292,7 +292,7 @@ def test_predict_matches_eval(sweep_root, tmp_path):
   results = predictor.predict_files(paths, k=5)
   eval_config = predict.load_config(predict.find_checkpoint(workdir), {})
   eval_config.update(dict(eval_split="test[:4]", eval_batch_size=8))
-  batch = next(iter(data_lib.create_eval_iter(eval_config)))
+  batch = next(iter(pipeline.create_eval_iter(eval_config)))
   assert list(batch["label"][:4]) == labels
   eval_logits = predictor.logits(batch["image"][:4])
   for (path, top), image_bytes, logits in zip(results, paths, eval_logits):

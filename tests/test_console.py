@@ -144,10 +144,10 @@ def test_offline_download_fails_at_once_in_one_line(tmp_path, monkeypatch, capsy
   original = tfds.download.DownloadManager._download  # pylint: disable=protected-access
   monkeypatch.setattr(tfds.download.DownloadManager, "_download",
                       lambda self, resource: downloads.append(resource) or original(self, resource))
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(dict(dataset="fashion_mnist", data_dir=str(tmp_path / "tfds"),
-                                          manual_dir=None, download=True, train_split="train",
-                                          eval_split="auto"))
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_config()
+  config.update(dict(dataset="fashion_mnist", data_dir=str(tmp_path / "tfds"), manual_dir=None, download=True,
+                     train_split="train", eval_split="auto"))
   status = cli.run(datasets.get_dataset_info, config)
   err = capsys.readouterr().err
   assert status == cli.EXIT_USER_ERROR

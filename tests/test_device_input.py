@@ -12,10 +12,10 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
+from cnn_jax import hooks
 from cnn_jax import sharding as shd
 from cnn_jax import steps as steps_lib
 from cnn_jax import train
@@ -139,8 +139,8 @@ def test_damaged_cache_without_tensorflow_is_refused_in_one_line(fashion_mnist_d
 def test_changed_folder_source_is_rebuilt(image_folder_factory, tmp_path):
   from tests.conftest import make_image_folder  # pylint: disable=g-import-not-at-top
   root = image_folder_factory()
-  config = ml_collections.ConfigDict(dict(dataset=f"folder:{root}", data_dir=None, array_cache_dir=str(
-      tmp_path / "arrays"), array_cache_res=20, image_size=16))
+  config = _config(None, dataset=f"folder:{root}", array_cache_dir=str(tmp_path / "arrays"), array_cache_res=20,
+                   image_size=16)
   first = arrays.get_split(config, "train", 20)
   assert first.images.shape == (18, 20, 20, 3) and first.class_names == ("bird", "cat", "dog")
   assert arrays.load_split(first.path).images.shape[0] == 18  # unchanged source: used as is
@@ -225,15 +225,14 @@ def test_each_epoch_visits_distinct_examples_in_a_new_order(fashion_mnist_dir):
   assert not np.array_equal(e0, e1)
 
 
-def test_each_process_draws_only_its_own_part(fashion_mnist_dir, monkeypatch):
+def test_each_process_draws_only_its_own_part(fashion_mnist_dir):
   """With 3 processes each holds a disjoint, contiguous third (tfds.even_splits' rule, remainder dropped)."""
   config = _config(fashion_mnist_dir)
   split = {"train": arrays.get_split(config, "train", None)}
   parts = []
   for index in range(3):
-    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-    monkeypatch.setattr(jax, "process_count", lambda: 3)
-    images, labels, count = device_input._process_part("train[:1000]", split, drop_remainder=True)  # pylint: disable=protected-access
+    images, labels, count = device_input.process_part("train[:1000]", split, drop_remainder=True,
+                                                      process_index=index, process_count=3)
     assert count == 333 and len(labels) == 333
     parts.append(images)
   whole = np.asarray(split["train"].images[:999])
@@ -251,29 +250,27 @@ def test_eval_covers_every_example_once(fashion_mnist_dir):
   model = models.get_model("lenet", 10)
   state = steps_lib.jit_init(model, optax.sgd(0.1), (32, 32, 3), out_shardings=shd.replicated(mesh))(
       jax.random.PRNGKey(0))
-  a, b = device.evaluate(steps_lib.eval_step, state), host.evaluate(steps_lib.eval_step, state)
+  a, b = (hooks.evaluate(steps_lib.jit_eval_step(steps_lib.eval_step, inp, mesh), inp, state)
+          for inp in (device, host))
   assert a["count"] == b["count"] == 1000
   assert abs(a["top1"] - b["top1"]) < 1e-3 and abs(a["loss"] - b["loss"]) < 1e-3 * b["loss"]
 
 
-def test_runs_that_differ_only_in_their_seed_compile_one_step(fashion_mnist_dir, monkeypatch):
+def test_runs_that_differ_only_in_their_seed_compile_one_step(fashion_mnist_dir):
   """The augmentation key is an argument of the jitted step, not a constant in it: seeds 0 and 1 lower the
-  very same program, so a seed sweep compiles it once (the second compile here is a compilation-cache hit).
-  That the seeds still draw different batches: test_batches_are_a_function_of_seed_and_step_only."""
+  very same program, so a seed sweep compiles it once (or loads it from a compilation cache). That the seeds
+  still draw different batches: test_batches_are_a_function_of_seed_and_step_only."""
   from cnn_jax import models  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  lowered = []
-  real_compile = jax.stages.Lowered.compile
-  monkeypatch.setattr(jax.stages.Lowered, "compile",
-                      lambda self, *a, **k: lowered.append(self.as_text()) or real_compile(self, *a, **k))
   mesh = shd.make_mesh()
   state = steps_lib.jit_init(models.get_model("lenet", 10, width=0.25), optax.sgd(0.1), (32, 32, 3),
                              out_shardings=shd.replicated(mesh))(jax.random.PRNGKey(0))
+  lowered = []
   for seed in (0, 1):
     inp = inputs.create(_config(fashion_mnist_dir, train_split="train[:1024]", seed=seed), mesh,
                         announce=lambda line: None)
-    inp.train_step(steps_lib.train_step, state, 0)
-  assert len(lowered) == 2 and lowered[0] == lowered[1]
+    lowered.append(steps_lib.jit_train_step(steps_lib.train_step, inp, mesh).lower(state, inp.train_spec()).as_text())
+  assert lowered[0] == lowered[1]
 
 
 # --- Choosing the mode ------------------------------------------------------------------------------
@@ -293,34 +290,30 @@ def test_a_dataset_too_large_for_the_device_is_one_line_or_falls_back_to_host(fa
 # --- Resume -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("input_mode", ["device", "host"])
-def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, monkeypatch, input_mode):
+def test_stop_and_resume_is_bit_identical(fashion_mnist_dir, tmp_path, input_mode):
   """A run stopped by SIGTERM after step 5 and resumed ends with the same parameters, bit for bit, as an
   uninterrupted run: the resumed input continues with the very batches the uninterrupted run drew (device
   input: they are a function of the step; host input: the tf.data pipeline, which had already prefetched
   batches past the stop, starts again at the resumed step). LeNet with dropout 0.5: the dropout RNG resumes
   too. The same with real processes and kill -9: tests/test_checkpoint.py::test_interrupted_runs_resume_bit_identical."""
   from tests.test_checkpoint import assert_trees_equal, load_state  # pylint: disable=g-import-not-at-top
-  from cnn_jax.data import host_input  # pylint: disable=g-import-not-at-top
   fields = dict(train_split="train[:512]", eval_split="test[:128]", num_train_steps=12,
                 checkpoint_every_steps=100, eval_every_epochs=0.5, log_every_steps=4, input=input_mode)
   fields["model_kwargs.dropout_rate"] = 0.5
   reference = str(tmp_path / "reference")
   train.train_and_evaluate(_config(fashion_mnist_dir, **fields), reference)
 
-  step_class = {"device": device_input._DeviceTrainStep, "host": host_input._HostTrainStep}[input_mode]  # pylint: disable=protected-access
-  real_call = step_class.__call__
+  class SignalAfterStep5:  # the loop's own hook interface: the loop stops before step 6
+    def after_step(self, step, state, metrics):
+      if step == 5:
+        os.kill(os.getpid(), signal.SIGTERM)
 
-  def call_and_signal(self, state, step):
-    out = real_call(self, state, step)
-    if step == 4:
-      os.kill(os.getpid(), signal.SIGTERM)  # the loop stops before step 6
-    return out
+    def at_end(self, step, state, stopped):
+      pass
 
-  monkeypatch.setattr(step_class, "__call__", call_and_signal)
   resumed = str(tmp_path / "resumed")
-  result = train.train_and_evaluate(_config(fashion_mnist_dir, **fields), resumed)
+  result = train.train_and_evaluate(_config(fashion_mnist_dir, **fields), resumed, hooks=[SignalAfterStep5()])
   assert result["stopped"] == "SIGTERM" and result["step"] == 5
-  monkeypatch.setattr(step_class, "__call__", real_call)
   summary = train.train_and_evaluate(_config(fashion_mnist_dir, **fields), resumed)
   assert summary["steps"] == 12
   assert json.load(open(os.path.join(reference, "run_info.json")))["input"] == input_mode

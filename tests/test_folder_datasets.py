@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cnn_jax import data
+from cnn_jax.data import datasets
+from cnn_jax.data import pipeline
 from cnn_jax.data import datasets
 from cnn_jax.errors import UserError
 from tests.conftest import make_image_folder
@@ -94,7 +95,7 @@ def test_bmp_gif_webp_and_tiff_images_are_read(tmp_path):
   for (path, label), example in zip(source.splits["train"], ds.as_numpy_iterator()):
     np.testing.assert_array_equal(example["image"], pixels[path], err_msg=path)
     assert example["label"] == label
-  batch = next(data.create_train_iter(_folder_config(tmp_path / "f"), seed=0))
+  batch = next(pipeline.create_train_iter(_folder_config(tmp_path / "f"), seed=0))
   assert batch["image"].shape == (4, 16, 16, 3)
 
 
@@ -102,13 +103,13 @@ def test_damaged_webp_is_named(tmp_path):
   root = make_image_folder(tmp_path / "f", splits=(("train", 4), ("test", 1)), classes=("a", "b"))
   _touch(os.path.join(root, "train", "a", "broken.webp"), b"RIFF0000WEBPjunk")
   with pytest.raises(UserError, match="broken.webp"):
-    next(data.create_train_iter(_folder_config(root), seed=0))
+    next(pipeline.create_train_iter(_folder_config(root), seed=0))
 
 
 def test_without_a_test_folder_the_error_offers_the_split_flags_and_a_holdout(tmp_path):
   root = make_image_folder(tmp_path / "f", splits=(("train", 4),), classes=("a", "b"))
   with pytest.raises(UserError) as e:
-    data.get_dataset_info(_folder_config(root))
+    datasets.get_dataset_info(_folder_config(root))
   message = str(e.value)
   assert "no test/, val/, validation/ folder" in message and "--config.eval_split=holdout:10%" in message
   assert "--config.train_split=<folder>" in message
@@ -117,7 +118,7 @@ def test_without_a_test_folder_the_error_offers_the_split_flags_and_a_holdout(tm
 def test_holdout_is_stratified_deterministic_and_disjoint(tmp_path):
   root = make_image_folder(tmp_path / "f", splits=(("train", 10),), classes=("a", "b", "c"))
   config = _folder_config(root, eval_split="holdout:20%")
-  info = data.get_dataset_info(config)
+  info = datasets.get_dataset_info(config)
   assert (info.num_train, info.num_eval) == (24, 6)
   source = datasets.get_source(config)
   held, kept = source.splits["holdout"], source.splits["train"]
@@ -125,7 +126,7 @@ def test_holdout_is_stratified_deterministic_and_disjoint(tmp_path):
   assert sorted(l for _, l in held) == [0, 0, 1, 1, 2, 2]  # 20% of each class
   again = datasets.get_source(_folder_config(root, eval_split="holdout:0.2"))
   assert again.splits["holdout"] == held and again.splits["train"] == kept
-  evals = list(data.create_eval_iter(config))
+  evals = list(pipeline.create_eval_iter(config))
   assert sum(b["mask"].sum() for b in evals) == 6
   with pytest.raises(UserError, match="holdout:10%"):
     datasets.get_source(_folder_config(root, eval_split="holdout:150%"))
@@ -136,7 +137,7 @@ def test_holdout_is_stratified_deterministic_and_disjoint(tmp_path):
 def test_numeric_class_names_sort_naturally(tmp_path):
   root = make_image_folder(tmp_path / "f", splits=(("train", 1), ("test", 1)),
                            classes=("10", "2", "1", "class9", "class10"))
-  info = data.get_dataset_info(_folder_config(root))
+  info = datasets.get_dataset_info(_folder_config(root))
   assert info.class_names == ("1", "2", "10", "class9", "class10")
 
 

@@ -51,19 +51,19 @@ def _cache_write_from_any_process(*args, **kwargs):
   finally:
     _distributed.global_state.process_id = process_id
 _compiler._cache_write = _cache_write_from_any_process
-from cnn_jax import data as data_lib
+from cnn_jax.data import pipeline
 from cnn_jax import train as train_lib
 
 emulate = int(os.environ.get("CNN_JAX_TEST_EMULATE_PROCESSES", "0"))
 if emulate:
-  real_iter = data_lib.create_train_iter
+  real_iter = pipeline.create_train_iter
   def global_batches(config, *, seed, start_step=0, process_index=0, process_count=1):
     assert (process_index, process_count) == (0, 1)
     parts = [real_iter(config, seed=seed, start_step=start_step, process_index=p, process_count=emulate)
              for p in range(emulate)]
     for local in zip(*parts):
       yield {k: np.concatenate([b[k] for b in local]) for k in local[0]}
-  data_lib.create_train_iter = global_batches
+  pipeline.create_train_iter = global_batches
 
 summary_dir = os.environ.get("CNN_JAX_TEST_SUMMARY_DIR")
 if summary_dir:

@@ -16,6 +16,7 @@ from cnn_jax import models
 from cnn_jax import sharding as shd
 from cnn_jax import steps as steps_lib
 from cnn_jax.compare.sweep import apply_overrides
+from cnn_jax.specs import OptimizerSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,9 +84,9 @@ def test_fresh_and_restored_states_trace_the_same_train_step():
   restart compiles again instead of loading the first launch's executable from a persistent compilation cache
   (the HLO differed in how the schedule's clip on `step` and on the optimiser's count were shared)."""
   config = _config(batch_size=16)
-  schedule = steps_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  schedule = steps_lib.learning_rate_schedule(OptimizerSpec.from_config(config), steps_per_epoch=10, total_steps=100)
   model = models.get_model("lenet", 10, width=0.25)
-  fresh = steps_lib.jit_init(model, steps_lib.make_optimizer(config, schedule), (28, 28, 1))(
+  fresh = steps_lib.jit_init(model, steps_lib.make_optimizer(OptimizerSpec.from_config(config), schedule), (28, 28, 1))(
       jax.random.PRNGKey(0))
   assert not any(jax.typeof(x).weak_type for x in jax.tree.leaves(fresh)), jax.tree.map(jax.typeof, fresh)
   restored = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), fresh)  # what a checkpoint restore returns
@@ -98,12 +99,12 @@ def test_learning_rate_schedules():
   config = _config(batch_size=128)
   config.optimizer.learning_rate = 0.1
   config.schedule.warmup_epochs = 1.0
-  cos = steps_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  cos = steps_lib.learning_rate_schedule(OptimizerSpec.from_config(config), steps_per_epoch=10, total_steps=100)
   assert float(cos(0)) == 0.0 and abs(float(cos(10)) - 0.1) < 1e-6 and float(cos(100)) < 1e-6
   config.schedule.name = "step"
   config.schedule.warmup_epochs = 0.0
   config.schedule.step_epochs = (5, 8)
-  st = steps_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  st = steps_lib.learning_rate_schedule(OptimizerSpec.from_config(config), steps_per_epoch=10, total_steps=100)
   np.testing.assert_allclose([float(st(s)) for s in (0, 49, 50, 79, 80)],
                              [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
 
@@ -111,7 +112,7 @@ def test_learning_rate_schedules():
 def test_weight_decay_skips_biases():
   config = _config()
   config.optimizer.weight_decay = 0.5
-  tx = steps_lib.make_optimizer(config, optax.constant_schedule(1.0))
+  tx = steps_lib.make_optimizer(OptimizerSpec.from_config(config), optax.constant_schedule(1.0))
   params = {"conv": {"kernel": jnp.ones((3,)), "bias": jnp.ones((3,))}}
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)

@@ -69,23 +69,23 @@ class SplitArrays:
 def tfds_data_dir(config) -> str:
   """The tfds data dir a run uses (without importing tfds): config.data_dir, $TFDS_DATA_DIR, or tfds's
   default ~/tensorflow_datasets."""
-  return os.path.expanduser(config.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
+  return os.path.expanduser(config.data_dir or os.environ.get("TFDS_DATA_DIR")
                             or os.path.join("~", "tensorflow_datasets"))
 
 
 def cache_root(config) -> str:
   """The folder holding this dataset's cached splits' parent (see the module docstring)."""
-  explicit = config.get("array_cache_dir") or os.environ.get("CNN_JAX_ARRAY_CACHE_DIR")
+  explicit = config.array_cache_dir or os.environ.get("CNN_JAX_ARRAY_CACHE_DIR")
   if explicit:
     return os.path.expanduser(explicit)
-  if str(config.get("dataset", "")).startswith(FOLDER_PREFIX):
+  if str(config.dataset).startswith(FOLDER_PREFIX):
     return os.path.join(os.path.expanduser("~"), ".cache", "cnn_jax", "arrays")
   return os.path.join(tfds_data_dir(config), "cnn_jax_arrays")
 
 
 def dataset_key(config, resolution: Optional[int]) -> str:
   """A folder name for the dataset (and, for resized caches, its resolution)."""
-  name = str(config.get("dataset"))
+  name = str(config.dataset)
   if name.startswith(FOLDER_PREFIX):
     root = os.path.abspath(os.path.expanduser(name[len(FOLDER_PREFIX):]))
     key = f"folder-{os.path.basename(root.rstrip(os.sep)) or 'root'}-{_short_hash(root)}"
@@ -103,7 +103,7 @@ def resolution_for(config, fixed_shape: bool) -> Optional[int]:
   config.array_cache_res, or (0 = auto) round(image_size * 256 / 224), AlexNet's shorter-side ratio."""
   if fixed_shape:
     return None
-  res = int(config.get("array_cache_res") or 0)
+  res = int(config.array_cache_res or 0)
   if res < 0:
     raise UserError(f"--config.array_cache_res={res} must be >= 0 (0 = image_size * 256/224)")
   return res or int(round(int(config.image_size) * 256 / 224))
@@ -251,7 +251,7 @@ def build_split(config, split: str, resolution: Optional[int], dest: str) -> Spl
   from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top  (TensorFlow from here on)
   from cnn_jax.data import augment  # pylint: disable=g-import-not-at-top
   from cnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data.tf_runtime import tf  # pylint: disable=g-import-not-at-top
 
   source = datasets.get_source(config)
   count = source.num_examples(split)
@@ -338,11 +338,11 @@ def _tensorflow_available() -> bool:
 
 def rebuild_command(config) -> str:
   """The command that writes this dataset's array cache."""
-  parts = [f"python -m cnn_jax.data.prepare --arrays --dataset={config.get('dataset')}"]
-  if config.get("data_dir"):
-    parts.append(f"--data_dir={config.get('data_dir')}")
-  if config.get("array_cache_dir"):
-    parts.append(f"--array_cache_dir={config.get('array_cache_dir')}")
+  parts = [f"python -m cnn_jax.data.prepare --arrays --dataset={config.dataset}"]
+  if config.data_dir:
+    parts.append(f"--data_dir={config.data_dir}")
+  if config.array_cache_dir:
+    parts.append(f"--array_cache_dir={config.array_cache_dir}")
   return " ".join(parts)
 
 
@@ -358,13 +358,13 @@ def get_split(config, split: str, resolution: Optional[int], allow_build: bool =
       problem = str(e)
   if not allow_build or not _tensorflow_available():
     what = f"is unusable: {problem}" if problem else "does not exist"
-    raise UserError(f"the array cache of {config.get('dataset')}/{split} at {path} {what}; write it where "
+    raise UserError(f"the array cache of {config.dataset}/{split} at {path} {what}; write it where "
                     f"the dataset and TensorFlow are available: {rebuild_command(config)}")
   if problem:
     logging.warning("array cache %s: %s; rebuilding it", path, problem)
     announce(f"array cache {path} {problem}: rebuilding it")
   else:
-    announce(f"Writing the array cache of {config.get('dataset')}/{split} to {path} (once)...")
+    announce(f"Writing the array cache of {config.dataset}/{split} to {path} (once)...")
   start = time.time()
   arrays = build_split(config, split, resolution, path)
   announce(f"  {len(arrays.labels):,} images {tuple(arrays.images.shape[1:])} uint8, "
@@ -418,4 +418,4 @@ def dataset_info(name: str, train: Sequence[SplitArrays], num_train: int, num_ev
 
 def base_name(config) -> str:
   """'fashion_mnist', 'imagenette', or 'folder' (the key of per-dataset constants)."""
-  return base_name_of(str(config.get("dataset")))
+  return base_name_of(str(config.dataset))

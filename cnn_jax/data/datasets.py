@@ -602,29 +602,29 @@ def _report_listing(root: str, listing: FolderListing) -> None:
 
 def get_source(config) -> Source:
   """The Source of `config.dataset` (tfds name or 'folder:/root'); UserError if unknown or unprepared."""
-  name = config.get("dataset")
+  name = str(config.dataset or "")
   if not name:
     raise UserError("--config.dataset is empty; set a tfds name (e.g. fashion_mnist) or 'folder:/path'")
-  holdout = parse_holdout(config.get("eval_split"))
+  holdout = parse_holdout(config.eval_split)
   if name.startswith(FOLDER_PREFIX):
-    train_folder = (config.get("train_split") or "train").split("[")[0].strip()
+    train_folder = (config.train_split or "train").split("[")[0].strip()
     return FolderSource(name[len(FOLDER_PREFIX):], holdout=holdout,
                         train_folder="train" if train_folder == "auto" else train_folder)
   if holdout:
-    raise UserError(f"--config.eval_split={config.get('eval_split')} (a stratified hold-out) is for image "
+    raise UserError(f"--config.eval_split={config.eval_split} (a stratified hold-out) is for image "
                     "folders; for a tfds dataset slice its splits instead, e.g. --config.train_split='train[:90%]' "
                     "--config.eval_split='train[90%:]'")
   # '' counts as unset: command-line overrides cannot set a ConfigDict field back to None.
-  return TfdsSource(name, data_dir=config.get("data_dir") or None,
-                    manual_dir=config.get("manual_dir") or None, download=bool(config.get("download", False)))
+  return TfdsSource(name, data_dir=config.data_dir or None,
+                    manual_dir=config.manual_dir or None, download=bool(config.download))
 
 
 def resolve_splits(config, source: Source) -> Tuple[str, str]:
   """(train_split, eval_split); 'auto' eval -> 'test', or 'validation' for ImageNet-like datasets."""
-  train_split = config.get("train_split", "train") or "train"
+  train_split = config.train_split or "train"
   if train_split == "auto":
     train_split = "train"
-  eval_split = config.get("eval_split", "auto") or "auto"
+  eval_split = config.eval_split or "auto"
   if isinstance(source, FolderSource) and eval_split.startswith(HOLDOUT_PREFIX):
     return train_split, HOLDOUT_SPLIT
   if eval_split == "auto" and isinstance(source, FolderSource):
@@ -675,5 +675,5 @@ def lighting_eigen(source: Source, split: str, cache_dir: Optional[str]) -> Tupl
 
 def mean_std(config, source: Source, split: str) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
   """Normalisation constants of `config.normalize` (see stats.mean_std), or None for none."""
-  return stats_lib.mean_std(config.get("normalize", "auto"), base_name(source),
-                            lambda: rgb_statistics(source, split, config.get("cache_dir")))
+  return stats_lib.mean_std(config.normalize, base_name(source),
+                            lambda: rgb_statistics(source, split, config.cache_dir))

@@ -20,7 +20,6 @@ ten crops), covering every example exactly once.
 """
 
 import dataclasses
-import functools
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -29,16 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax.experimental import multihost_utils
+
+from cnn_jax import ops
 from cnn_jax import sharding as shd
 from cnn_jax.data import arrays
 from cnn_jax.data import augment_jax
-from cnn_jax.data import inputs
+from cnn_jax.data import input_api
 from cnn_jax.data import stats as stats_lib
 from cnn_jax.data.augment_spec import AugmentSettings, check_eval_settings
 from cnn_jax.data.info import FOLDER_PREFIX, resolve_splits
 from cnn_jax.errors import UserError
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Plan:
 
 
 def _folder_splits(config) -> Optional[List[str]]:
-  name = str(config.get("dataset"))
+  name = str(config.dataset)
   if not name.startswith(FOLDER_PREFIX):
     return None
   root = os.path.expanduser(name[len(FOLDER_PREFIX):])
@@ -72,7 +74,7 @@ def _folder_splits(config) -> Optional[List[str]]:
 
 def _roles(config) -> Dict[str, str]:
   folders = _folder_splits(config)
-  if folders is not None and (config.get("eval_split") or "auto") == "auto" and not (
+  if folders is not None and (config.eval_split or "auto") == "auto" and not (
       {"test", "val", "validation"} & set(folders)):
     raise UserError(f"image folder {config.dataset[len(FOLDER_PREFIX):]} has no test/, val/ or validation/ "
                     f"folder to evaluate on (it has {', '.join(f + '/' for f in folders)}); name one with "
@@ -80,7 +82,7 @@ def _roles(config) -> Dict[str, str]:
                     "--config.eval_split=holdout:10%")
   train_split, eval_split = resolve_splits(config, folders)
   roles = {"train": train_split, "eval": eval_split}
-  if config.get("eval_train_split"):
+  if config.eval_train_split:
     roles["train_eval"] = config.eval_train_split
   return roles
 
@@ -121,13 +123,16 @@ def plan(config, mesh) -> Plan:
   return Plan(resolution, tuple(int(d) for d in shape), dict(sizes), roles, total)
 
 
-def _process_part(spec: str, split_arrays: Dict[str, arrays.SplitArrays],
-                  drop_remainder: bool) -> Tuple[np.ndarray, np.ndarray, int]:
-  """This process's part of split `spec`: (images [n, H, W, C], labels [n], n)."""
+def process_part(spec: str, split_arrays: Dict[str, arrays.SplitArrays], drop_remainder: bool,
+                 process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, int]:
+  """A process's part of split `spec` (this process's by default): (images [n, H, W, C], labels [n], n)."""
   sizes = {name: len(a.labels) for name, a in split_arrays.items()}
   pieces = arrays.split_indices(spec, sizes)
   total = sum(len(idx) for _, idx in pieces)
-  start, end = arrays.process_slice(total, jax.process_index(), jax.process_count(), drop_remainder)
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  start, end = arrays.process_slice(total, index, count, drop_remainder)
   images, labels, offset = [], [], 0
   for name, idx in pieces:
     lo, hi = max(start - offset, 0), min(end - offset, len(idx))
@@ -158,234 +163,232 @@ class _Resident:
   rows: int
 
 
-class _DeviceTrainStep(inputs.TrainStep):
+class DeviceBatcher:
+  """The device input's pure part: how a step's batch is made from resident arrays, inside the jit.
 
-  def __init__(self, compiled, resident, permutation_fn, steps_per_epoch, batch_spec, augment_key):
-    self.compiled = compiled
-    self.batch_spec = batch_spec
-    self._resident = resident
-    self._permutation_fn = permutation_fn
-    self._steps_per_epoch = steps_per_epoch
-    self._epoch, self._perm = None, None
-    self._augment_key = augment_key
+  Holds no data, so the same functions serve a run (DeviceInput) and a compile-only check of its programs
+  (abstract arrays of the same shapes). Resident arrays are [devices, rows, H, W, C] uint8 and [devices, rows]
+  int32, sharded on `data`: device d's row block is the part of the process it belongs to.
+  """
 
-  def __call__(self, state, step):
-    epoch = step // self._steps_per_epoch
-    if epoch != self._epoch:
-      self._epoch, self._perm = epoch, self._permutation_fn(epoch)
-    return self.compiled(state, self._resident.images, self._resident.labels, self._perm, self._augment_key)
+  def __init__(self, mesh, *, batch_size: int, eval_batch_size: int, image_size: int, steps_per_epoch: int,
+               settings: AugmentSettings, eval_crop: str, eval_resize_ratio: float, mean_std, eigen, dtype):
+    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+      if value <= 0 or value % n_dev or value % n_proc:
+        raise UserError(f"--config.{field}={value} must be a positive multiple of the {n_dev} devices")
+    check_eval_settings(eval_crop, eval_resize_ratio)
+    self.mesh = mesh
+    self.batch_size, self.eval_batch_size, self.image_size = batch_size, eval_batch_size, image_size
+    self.steps_per_epoch = steps_per_epoch
+    self.settings, self.eval_crop, self.eval_resize_ratio = settings, eval_crop, eval_resize_ratio
+    self.mean_std, self.eigen, self.dtype = mean_std, eigen, dtype
+
+  def _data(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(shd.DATA_AXIS))
+
+  def resident_spec(self, rows: int, image_shape) -> Tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """Abstract (images, labels) of a resident split of `rows` examples per device."""
+    n_dev = self.mesh.devices.size
+    return (jax.ShapeDtypeStruct((n_dev, rows) + tuple(image_shape), jnp.uint8, sharding=self._data()),
+            jax.ShapeDtypeStruct((n_dev, rows), jnp.int32, sharding=self._data()))
+
+  def train_spec(self, rows: int, image_shape):
+    """Abstract train args (images, labels, permutation [steps_per_epoch, B], key)."""
+    perm = jax.ShapeDtypeStruct((self.steps_per_epoch, self.batch_size), jnp.int32,
+                                sharding=NamedSharding(self.mesh, P(None, shd.DATA_AXIS)))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(self.mesh))
+    return self.resident_spec(rows, image_shape) + (perm, key)
+
+  def eval_spec(self, rows: int, image_shape):
+    """Abstract eval args (images, labels, indices [B], mask [B])."""
+    b = self.eval_batch_size
+    return self.resident_spec(rows, image_shape) + (
+        jax.ShapeDtypeStruct((b,), jnp.int32, sharding=self._data()),
+        jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=self._data()))
+
+  def make_batch(self, args, step):
+    """The augmented global batch of train step `step`: gather + augment, per device (shard_map, no
+    communication), keyed by fold_in(fold_in(key, step), position in the global batch)."""
+    images, labels, perm, key = args
+    settings, size, eigen, mean_std, dtype = (self.settings, self.image_size, self.eigen, self.mean_std,
+                                              self.dtype)
+    per_device = self.batch_size // self.mesh.devices.size
+
+    def local(images, labels, idx, key):
+      batch_images, batch_labels = images[0][idx], labels[0][idx]
+      position = jax.lax.axis_index(shd.DATA_AXIS) * per_device + jnp.arange(per_device)
+      keys = jax.vmap(lambda p: jax.random.fold_in(key, p))(position)
+      return augment_jax.train_batch(batch_images, keys, settings, size, eigen, mean_std, dtype), batch_labels
+
+    data = P(shd.DATA_AXIS)
+    gather = jax.shard_map(local, mesh=self.mesh, in_specs=(data, data, data, P()), out_specs=(data, data))
+    batch_images, batch_labels = gather(images, labels, perm[step % self.steps_per_epoch],
+                                        jax.random.fold_in(key, step))
+    return {"image": batch_images, "label": batch_labels}
+
+  def make_eval_batch(self, args):
+    """The preprocessed eval batch (centre crop, resize or ten crops) of the gathered indices."""
+    images, labels, idx, mask = args
+    crop, ratio, size, mean_std, dtype = (self.eval_crop, self.eval_resize_ratio, self.image_size,
+                                          self.mean_std, self.dtype)
+
+    def local(images, labels, idx):
+      return augment_jax.eval_batch(images[0][idx], crop, ratio, size, mean_std, dtype), labels[0][idx]
+
+    data = P(shd.DATA_AXIS)
+    gather = jax.shard_map(local, mesh=self.mesh, in_specs=(data, data, data), out_specs=(data, data))
+    batch_images, batch_labels = gather(images, labels, idx)
+    return {"image": batch_images, "label": batch_labels, "mask": mask}
 
 
-class DeviceInput(inputs.Input):
-  """The device-resident split as an `inputs.Input` (see the module docstring)."""
+def augment_key(seed: int, mesh) -> jax.Array:
+  """The run's augmentation key, fold_in(key(seed), "aug"), replicated: an argument of the jitted step rather
+  than a constant in it, so runs that differ only in their seed run one compiled program (a seed sweep
+  compiles once, or loads it from a persistent compilation cache)."""
+  key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), 0x617567)  # "aug"
+  return jax.make_array_from_process_local_data(shd.replicated(mesh), np.asarray(key))
+
+
+def _load_resident(config, mesh, the_plan: Plan, announce) -> Tuple[Dict[str, _Resident], Dict[str, arrays.SplitArrays]]:
+  """Every split of the plan, this process's part, on the local devices; and the cached split arrays."""
+  bases = sorted({name for spec in the_plan.splits.values() for name, _, _ in arrays.parse_split(spec)})
+  announce(f"loading {config.dataset} ({', '.join(sorted(set(the_plan.splits.values())))}) onto the devices, "
+           f"{input_api.describe_bytes(the_plan.bytes_per_device)} each")
+  if jax.process_count() > 1:
+    # Process 0 writes whatever is missing before the others read (one writer per shared cache folder).
+    if jax.process_index() == 0:
+      for b in bases:
+        arrays.get_split(config, b, the_plan.resolution, announce=announce)
+    multihost_utils.sync_global_devices("cnn_jax:array_cache")
+  split_arrays = {b: arrays.get_split(config, b, the_plan.resolution, announce=announce) for b in bases}
+  sizes = {b: len(a.labels) for b, a in split_arrays.items()}
+  resident = {}
+  for role, spec in the_plan.splits.items():
+    images, labels, count = process_part(spec, split_arrays, drop_remainder=(role == "train"))
+    rows = _local_count(spec, sizes, role == "train", process_index=0)
+    resident[spec] = _Resident(_per_device(images, mesh, rows), _per_device(labels, mesh, rows), count, rows)
+  return resident, split_arrays
+
+
+def _statistics_fn(config, train_split: str, split_arrays: Dict[str, arrays.SplitArrays]) -> Callable:
+  """fn() -> the RGB statistics of the train split (the first MAX_IMAGES images: the pixels the host
+  pipeline samples), cached with the run."""
+  base = arrays.base_name(config)
+  source_name = str(config.dataset)
+  if source_name.startswith(FOLDER_PREFIX):
+    source_name = FOLDER_PREFIX + os.path.expanduser(source_name[len(FOLDER_PREFIX):])
+
+  def pixels():
+    pieces = arrays.split_indices(train_split, {b: len(a.labels) for b, a in split_arrays.items()})
+    seen = 0
+    for name, idx in pieces:
+      for i in idx[:max(stats_lib.MAX_IMAGES - seen, 0)]:
+        image = np.asarray(split_arrays[name].images[i])
+        yield stats_lib.sample_pixels(np.repeat(image, 3, -1) if image.shape[-1] == 1 else image)
+        seen += 1
+
+  return lambda: stats_lib.cached(source_name, base, train_split, config.cache_dir,
+                                  lambda: stats_lib.accumulate(pixels(), f"split {train_split!r} of {source_name}"))
+
+
+class DeviceInput(input_api.Input):
+  """The device-resident split as an `input_api.Input` (see the module docstring)."""
   mode = "device"
 
-  def __init__(self, config, mesh, the_plan: Plan, announce: Callable[[str], None] = print,
-               compiler_options=None):
+  def __init__(self, config, mesh, the_plan: Plan, announce: Callable[[str], None] = print):
     self._config = config
     self._mesh = mesh
     self._plan = the_plan
-    self._compiler_options = compiler_options
-    self._eval_fns = {}
-    self._batch_jit = None
-    n_proc, n_dev = jax.process_count(), mesh.devices.size
-    self._batch = int(config.batch_size)
-    self._eval_batch = int(config.eval_batch_size)
-    for field, value in (("batch_size", self._batch), ("eval_batch_size", self._eval_batch)):
-      if value <= 0 or value % n_dev or value % n_proc:
-        raise UserError(f"--config.{field}={value} must be a positive multiple of the {n_dev} devices")
-    self._size = int(config.image_size)
-    self._settings = AugmentSettings.from_config(config.get("augment"))
-    self._eval_crop = config.get("eval_crop", "center")
-    self._eval_ratio = float(config.get("eval_resize_ratio", 1.0))
-    check_eval_settings(self._eval_crop, self._eval_ratio)
-    self._dtype = _DTYPES.get(config.get("dtype", "float32"), jnp.float32)
-
-    bases = sorted({name for spec in the_plan.splits.values() for name, _, _ in arrays.parse_split(spec)})
-    announce(f"loading {config.dataset} ({', '.join(sorted(set(the_plan.splits.values())))}) onto the devices, "
-             f"{inputs.describe_bytes(the_plan.bytes_per_device)} each")
-    if n_proc > 1:
-      # Process 0 writes whatever is missing before the others read (one writer per shared cache folder).
-      if jax.process_index() == 0:
-        for b in bases:
-          arrays.get_split(config, b, the_plan.resolution, announce=announce)
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("cnn_jax:array_cache")
-    split_arrays = {b: arrays.get_split(config, b, the_plan.resolution, announce=announce) for b in bases}
-    self._resident = {}
-    for role, spec in the_plan.splits.items():
-      images, labels, count = _process_part(spec, split_arrays, drop_remainder=(role == "train"))
-      rows = _local_count(spec, {b: len(a.labels) for b, a in split_arrays.items()}, role == "train",
-                          process_index=0)
-      self._resident[spec] = _Resident(_per_device(images, mesh, rows), _per_device(labels, mesh, rows),
-                                       count, rows)
+    self._resident, split_arrays = _load_resident(config, mesh, the_plan, announce)
     train = self._resident[the_plan.splits["train"]]
-    num_train = sum(len(idx) for _, idx in arrays.split_indices(the_plan.splits["train"], the_plan.sizes))
-    num_eval = sum(len(idx) for _, idx in arrays.split_indices(the_plan.splits["eval"], the_plan.sizes))
-    self.info = arrays.dataset_info(config.dataset, [split_arrays[bases[0]]], num_train, num_eval)
-    self.steps_per_epoch = train.count // (self._batch // n_proc)
+    count = lambda role: sum(len(idx) for _, idx in arrays.split_indices(the_plan.splits[role], the_plan.sizes))
+    first = split_arrays[sorted(split_arrays)[0]]
+    self.info = arrays.dataset_info(config.dataset, [first], count("train"), count("eval"))
+    self.steps_per_epoch = input_api.steps_per_epoch(train.count, config.batch_size)
     if self.steps_per_epoch == 0:
       raise UserError(f"this process's part of the train split has {train.count} examples, fewer than one "
-                      f"batch of {self._batch // n_proc}; lower --config.batch_size")
-
+                      f"batch of {config.batch_size // jax.process_count()}; lower --config.batch_size")
+    settings = AugmentSettings.from_config(config.augment)
+    statistics = _statistics_fn(config, the_plan.splits["train"], split_arrays)
     base = arrays.base_name(config)
-    source_name = str(config.dataset)
-    if source_name.startswith(FOLDER_PREFIX):
-      source_name = FOLDER_PREFIX + os.path.expanduser(source_name[len(FOLDER_PREFIX):])
-    train_split = the_plan.splits["train"]
-
-    def statistics():
-      # The first MAX_IMAGES images of the whole train split, the pixels the host pipeline samples.
-      pieces = arrays.split_indices(train_split, {b: len(a.labels) for b, a in split_arrays.items()})
-
-      def pixels():
-        seen = 0
-        for name, idx in pieces:
-          for i in idx[:max(stats_lib.MAX_IMAGES - seen, 0)]:
-            image = np.asarray(split_arrays[name].images[i])
-            yield stats_lib.sample_pixels(np.repeat(image, 3, -1) if image.shape[-1] == 1 else image)
-            seen += 1
-
-      return stats_lib.cached(source_name, base, train_split, config.get("cache_dir"),
-                              lambda: stats_lib.accumulate(pixels(), f"split {train_split!r} of {source_name}"))
-
-    self._mean_std = stats_lib.mean_std(config.get("normalize", "auto"), base, statistics)
-    self.mean_std = self._mean_std
+    self.mean_std = stats_lib.mean_std(config.normalize, base, statistics)
     self.channels = int(the_plan.image_shape[-1])
-    self._eigen = (stats_lib.lighting_eigen(base, statistics) if self._settings.pca_lighting
-                   else (None, None))
+    eigen = stats_lib.lighting_eigen(base, statistics) if settings.pca_lighting else (None, None)
+    self.batcher = DeviceBatcher(
+        mesh, batch_size=int(config.batch_size), eval_batch_size=int(config.eval_batch_size),
+        image_size=int(config.image_size), steps_per_epoch=self.steps_per_epoch, settings=settings,
+        eval_crop=config.eval_crop, eval_resize_ratio=float(config.eval_resize_ratio), mean_std=self.mean_std,
+        eigen=eigen, dtype=DTYPES[config.dtype])
+    self._augment_key = augment_key(config.seed, mesh)
+    self._epoch, self._perm = None, None
+    self._batch_jit = None
 
   def describe(self):
     train = self._resident[self._plan.splits["train"]]
     held = sum(r.images.nbytes + r.labels.nbytes for r in self._resident.values()) // self._mesh.devices.size
     h, w, c = self._plan.image_shape
     return (f"device-resident {self.info.name} ({train.count:,} train images {h}x{w}x{c} uint8 per process, "
-            f"{inputs.describe_bytes(held)} on each device; augmentation inside the step)")
+            f"{input_api.describe_bytes(held)} on each device; augmentation inside the step)")
 
   # --- Train --------------------------------------------------------------------------------------
 
   def _permutation(self, epoch: int) -> jax.Array:
     """This epoch's batches of example indices: int32 [steps_per_epoch, B] sharded on `data` along B
     (each process's columns are a permutation of its own part, seeded by (seed, process, epoch))."""
-    local_batch = self._batch // jax.process_count()
+    local_batch = self._config.batch_size // jax.process_count()
     train = self._resident[self._plan.splits["train"]]
     rng = np.random.default_rng([int(self._config.seed), jax.process_index(), int(epoch)])
     perm = rng.permutation(train.count)[:self.steps_per_epoch * local_batch].astype(np.int32)
     sharding = NamedSharding(self._mesh, P(None, shd.DATA_AXIS))
     return jax.make_array_from_process_local_data(sharding, perm.reshape(self.steps_per_epoch, local_batch))
 
-  def _gather(self, augment: Callable) -> Callable:
-    """shard_map: each device gathers its share of the indices from its own copy and applies `augment`."""
-    per_device = self._batch // self._mesh.devices.size
+  def train_spec(self):
+    train = self._resident[self._plan.splits["train"]]
+    return self.batcher.train_spec(train.rows, self._plan.image_shape)
 
-    def local(images, labels, idx, key):
-      batch_images, batch_labels = images[0][idx], labels[0][idx]
-      position = jax.lax.axis_index(shd.DATA_AXIS) * per_device + jnp.arange(per_device)
-      keys = jax.vmap(lambda p: jax.random.fold_in(key, p))(position)
-      return augment(batch_images, keys), batch_labels
+  def train_args(self, step: int):
+    epoch = step // self.steps_per_epoch
+    if epoch != self._epoch:
+      self._epoch, self._perm = epoch, self._permutation(epoch)
+    train = self._resident[self._plan.splits["train"]]
+    return (train.images, train.labels, self._perm, self._augment_key)
 
-    data = P(shd.DATA_AXIS)
-    return jax.shard_map(local, mesh=self._mesh, in_specs=(data, data, data, P()), out_specs=(data, data))
-
-  @functools.cached_property
-  def _augment_key(self) -> jax.Array:
-    """The run's augmentation key, fold_in(key(seed), "aug"), replicated: an argument of the jitted step rather
-    than a constant in it, so runs that differ only in their seed run one compiled program (a seed sweep
-    compiles once, or loads it from a persistent compilation cache)."""
-    key = jax.random.fold_in(jax.random.PRNGKey(int(self._config.seed)), 0x617567)  # "aug"
-    return jax.make_array_from_process_local_data(shd.replicated(self._mesh), np.asarray(key))
-
-  def _batch_fn(self) -> Callable:
-    """fn(images, labels, perm, step, augment_key) -> (image [B, S, S, 3] in the compute dtype, label [B]):
-    the augmented global batch of train step `step` (traceable; `step` may be a traced int32)."""
-    settings, size, eigen, mean_std, dtype = (self._settings, self._size, self._eigen, self._mean_std,
-                                              self._dtype)
-    gather = self._gather(
-        lambda images, keys: augment_jax.train_batch(images, keys, settings, size, eigen, mean_std, dtype))
-    steps_per_epoch = self.steps_per_epoch
-
-    def batch(images, labels, perm, step, augment_key):
-      return gather(images, labels, perm[step % steps_per_epoch], jax.random.fold_in(augment_key, step))
-
-    return batch
-
-  def _shardings(self):
-    data = NamedSharding(self._mesh, P(shd.DATA_AXIS))
-    return data, NamedSharding(self._mesh, P(None, shd.DATA_AXIS))
+  def make_batch(self, args, step):
+    return self.batcher.make_batch(args, step)
 
   def batch(self, step: int) -> Dict[str, jax.Array]:
     """The augmented global batch train step `step` sees, {'image', 'label'} (for tests and pictures)."""
-    train = self._resident[self._plan.splits["train"]]
     if self._batch_jit is None:
-      data, perm_sharding = self._shardings()
-      self._batch_jit = jax.jit(self._batch_fn(), in_shardings=(data, data, perm_sharding, None, None),
-                                out_shardings=(data, data), compiler_options=self._compiler_options)
-    images, labels = self._batch_jit(train.images, train.labels, self._permutation(step // self.steps_per_epoch),
-                                     jnp.int32(step), self._augment_key)
-    return {"image": images, "label": labels}
-
-  def train_step(self, step_fn, state, start_step):
-    del start_step  # the batches are a function of the step number itself
-    make_batch = self._batch_fn()
-
-    def device_step(state, images, labels, perm, augment_key):
-      batch_images, batch_labels = make_batch(images, labels, perm, state.step, augment_key)
-      return step_fn(state, {"image": batch_images, "label": batch_labels})
-
-    data, perm_sharding = self._shardings()
-    replicated = shd.replicated(self._mesh)
-    jitted = jax.jit(device_step, in_shardings=(replicated, data, data, perm_sharding, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=(0,),
-                     compiler_options=self._compiler_options)
+      self._batch_jit = jax.jit(self.make_batch, in_shardings=(input_api.shardings(self.train_spec()), None),
+                                compiler_options=ops.compiler_options())
     train = self._resident[self._plan.splits["train"]]
-    compiled = jitted.lower(state, train.images, train.labels, self._permutation(0), self._augment_key).compile()
-    batch_spec = {"image": jax.ShapeDtypeStruct((self._batch, self._size, self._size, 3), self._dtype),
-                  "label": jax.ShapeDtypeStruct((self._batch,), jnp.int32)}
-    return _DeviceTrainStep(compiled, train, self._permutation, self.steps_per_epoch, batch_spec, self._augment_key)
+    args = (train.images, train.labels, self._permutation(step // self.steps_per_epoch), self._augment_key)
+    return self._batch_jit(args, jnp.int32(step))
 
   # --- Eval ---------------------------------------------------------------------------------------
 
-  def _eval_jit(self, eval_fn):
-    if eval_fn in self._eval_fns:
-      return self._eval_fns[eval_fn]
-    crop, ratio, size, mean_std, dtype = (self._eval_crop, self._eval_ratio, self._size, self._mean_std,
-                                          self._dtype)
-
-    def local(images, labels, idx):
-      batch_images = augment_jax.eval_batch(images[0][idx], crop, ratio, size, mean_std, dtype)
-      return batch_images, labels[0][idx]
-
-    data = P(shd.DATA_AXIS)
-    gather = jax.shard_map(local, mesh=self._mesh, in_specs=(data, data, data), out_specs=(data, data))
-
-    def device_eval(state, images, labels, idx, mask):
-      batch_images, batch_labels = gather(images, labels, idx)
-      return eval_fn(state, {"image": batch_images, "label": batch_labels, "mask": mask})
-
-    replicated = shd.replicated(self._mesh)
-    sharded = NamedSharding(self._mesh, P(shd.DATA_AXIS))
-    self._eval_fns[eval_fn] = jax.jit(
-        device_eval, in_shardings=(replicated, sharded, sharded, sharded, sharded), out_shardings=replicated,
-        compiler_options=self._compiler_options)
-    return self._eval_fns[eval_fn]
-
-  def evaluate(self, eval_fn, state, split=None):
+  def _resident_split(self, split: Optional[str]) -> _Resident:
     spec = split or self._plan.splits["eval"]
     if spec not in self._resident:
       raise UserError(f"split {spec!r} is not resident on the devices; name it in --config.eval_split or "
                       "--config.eval_train_split")
-    resident = self._resident[spec]
-    jitted = self._eval_jit(eval_fn)
-    local_batch = self._eval_batch // jax.process_count()
+    return self._resident[spec]
+
+  def eval_spec(self, split=None):
+    return self.batcher.eval_spec(self._resident_split(split).rows, self._plan.image_shape)
+
+  def eval_args(self, split=None):
+    resident = self._resident_split(split)
+    local_batch = self._config.eval_batch_size // jax.process_count()
     sharding = NamedSharding(self._mesh, P(shd.DATA_AXIS))
-    totals = None
     num_batches = -(-resident.rows // local_batch)  # the same on every process (rows = process 0's part)
     for b in range(num_batches):
       idx = np.arange(b * local_batch, (b + 1) * local_batch)
       mask = idx < resident.count
       idx = np.where(mask, idx, 0).astype(np.int32)
-      sums = jitted(state, resident.images, resident.labels,
-                    jax.make_array_from_process_local_data(sharding, idx),
-                    jax.make_array_from_process_local_data(sharding, mask))
-      totals = sums if totals is None else jax.tree.map(lambda a, c: a + c, totals, sums)
-    return inputs.finish_eval(totals)
+      yield (resident.images, resident.labels, jax.make_array_from_process_local_data(sharding, idx),
+             jax.make_array_from_process_local_data(sharding, mask))
+
+  def make_eval_batch(self, args):
+    return self.batcher.make_eval_batch(args)

@@ -36,13 +36,13 @@ def base_name_of(dataset: str) -> str:
 def resolve_splits(config, folder_splits=None) -> Tuple[str, str]:
   """(train_split, eval_split) of a config; eval 'auto' -> 'test', 'validation' for ImageNet-like tfds
   datasets, or for image folders (`folder_splits`: their split folder names) test/val/validation."""
-  train_split = config.get("train_split", "train") or "train"
+  train_split = config.train_split or "train"
   if train_split == "auto":
     train_split = "train"
-  eval_split = config.get("eval_split", "auto") or "auto"
+  eval_split = config.eval_split or "auto"
   if eval_split == "auto":
     if folder_splits is not None:
       eval_split = next((s for s in ("test", "val", "validation") if s in folder_splits), "test")
     else:
-      eval_split = EVAL_SPLITS.get(base_name_of(str(config.get("dataset"))), "test")
+      eval_split = EVAL_SPLITS.get(base_name_of(str(config.dataset)), "test")
   return train_split, eval_split

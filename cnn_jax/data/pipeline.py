@@ -28,8 +28,6 @@ from cnn_jax.errors import UserError
 
 Batch = Dict[str, np.ndarray]
 
-# Decoded slices up to this size are kept in memory when config.cache is on.
-_DEFAULT_CACHE_LIMIT_GB = 4.0
 
 
 # --- Config helpers ------------------------------------------------------------------------------
@@ -41,7 +39,7 @@ def _check_process(process_index: int, process_count: int):
 
 def local_batch_size(config, field: str, process_count: int) -> int:
   """config.<field> // process_count; UserError unless it divides evenly and is positive."""
-  global_batch = int(config.get(field) or 0)
+  global_batch = int(config[field] or 0)
   if global_batch <= 0 or global_batch % process_count:
     raise UserError(f"--config.{field}={global_batch} must be a positive multiple of the process count "
                     f"({process_count})")
@@ -50,7 +48,7 @@ def local_batch_size(config, field: str, process_count: int) -> int:
 
 def image_size(config) -> int:
   """config.image_size as a positive int."""
-  size = config.get("image_size")
+  size = config.image_size
   if not size or int(size) <= 0:
     raise UserError(f"--config.image_size={size!r} must be a positive number of pixels (e.g. 224)")
   return int(size)
@@ -59,9 +57,9 @@ def image_size(config) -> int:
 def _options(config) -> tf.data.Options:
   options = tf.data.Options()
   # Order-preserving parallel map: required for identical batches from one seed.
-  options.deterministic = bool(config.get("deterministic", True))
+  options.deterministic = bool(config.deterministic)
   # A private pool sized to the cores keeps tf.data from competing with TF's global pools.
-  options.threading.private_threadpool_size = int(config.get("data_threads") or os.cpu_count() or 1)
+  options.threading.private_threadpool_size = int(config.data_threads or os.cpu_count() or 1)
   options.threading.max_intra_op_parallelism = 1
   options.autotune.enabled = True
   return options
@@ -70,10 +68,10 @@ def _options(config) -> tf.data.Options:
 def _use_cache(config, source: datasets.Source, split: str, process_index: int, process_count: int,
                drop_remainder: bool) -> bool:
   """config.cache: True caches decoded images when this slice is small (< config.cache_max_gb)."""
-  if not config.get("cache", True):
+  if not config.cache:
     return False
   size = source.decoded_bytes(split, process_index, process_count, drop_remainder)
-  limit = float(config.get("cache_max_gb", _DEFAULT_CACHE_LIMIT_GB)) * 2**30
+  limit = float(config.cache_max_gb) * 2**30
   if size is None or size > limit:
     logging.info("not caching %s/%s in memory (estimated %s bytes decoded)", source.name, split, size)
     return False
@@ -195,7 +193,7 @@ def create_train_iter(config, *, seed: int, start_step: int = 0, process_index: 
     raise UserError(f"start_step={start_step} must be >= 0")
   batch_size = local_batch_size(config, "batch_size", process_count)
   size = image_size(config)
-  settings = augment.AugmentSettings.from_config(config.get("augment"))
+  settings = augment.AugmentSettings.from_config(config.augment)
   source = datasets.get_source(config)
   split, _ = datasets.resolve_splits(config, source)
 
@@ -205,7 +203,7 @@ def create_train_iter(config, *, seed: int, start_step: int = 0, process_index: 
     raise UserError(f"this process's part of {source.name}/{split} has {num_examples} examples, fewer than "
                     f"one batch of {batch_size}; lower --config.batch_size")
   cached = _use_cache(config, source, split, process_index, process_count, drop_remainder=True)
-  eigen = (datasets.lighting_eigen(source, split, config.get("cache_dir")) if settings.pca_lighting
+  eigen = (datasets.lighting_eigen(source, split, config.cache_dir) if settings.pca_lighting
            else (augment.IMAGENET_EIGVALS, augment.IMAGENET_EIGVECS))
   preprocess = train_preprocess_fn(settings, size, source.channels, decoded=cached, eigen=eigen,
                                    mean_std=datasets.mean_std(config, source, split))
@@ -219,7 +217,7 @@ def create_train_iter(config, *, seed: int, start_step: int = 0, process_index: 
                             num_parallel_calls=tf.data.AUTOTUNE).cache()
 
   run_key = tf.constant([seed, process_index], tf.int64)
-  shuffle_buffer = max(1, min(int(config.get("shuffle_buffer", 16_384)), num_examples))
+  shuffle_buffer = max(1, min(int(config.shuffle_buffer), num_examples))
   examples_per_epoch = steps_per_epoch * batch_size
 
   def epoch_examples(epoch):
@@ -276,8 +274,8 @@ def create_eval_iter(config, *, process_index: int = 0, process_count: int = 1,
   source = datasets.get_source(config)
   train_split, eval_split = datasets.resolve_splits(config, source)
   split = split or eval_split
-  eval_crop = config.get("eval_crop", "center")
-  preprocess = eval_preprocess_fn(eval_crop, float(config.get("eval_resize_ratio", 1.0)), size,
+  eval_crop = config.eval_crop
+  preprocess = eval_preprocess_fn(eval_crop, float(config.eval_resize_ratio), size,
                                   source.channels, datasets.mean_std(config, source, train_split))
 
   num_examples = source.num_examples(split, process_index, process_count)

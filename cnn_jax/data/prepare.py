@@ -31,7 +31,7 @@ _SPLITS = flags.DEFINE_list("splits", None, "Splits to cache (default: all of th
 
 def prepare(dataset: str, manual_dir: str, data_dir=None) -> str:
   """Runs the builder's download_and_prepare reading `manual_dir`; returns the prepared data_dir."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data.tf_runtime import tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top

@@ -72,14 +72,14 @@ def augment_grid(config, num_images: int, num_views: int, seed: int, min_cell: i
 
   Column 0 is the image resized to S x S; the others are training views (clipped to [0, 1] for display).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data.tf_runtime import tf  # pylint: disable=g-import-not-at-top
   from cnn_jax.data import augment, datasets, pipeline  # pylint: disable=g-import-not-at-top
 
   source = datasets.get_source(config)
   split, _ = datasets.resolve_splits(config, source)
-  settings = augment.AugmentSettings.from_config(config.get("augment"))
+  settings = augment.AugmentSettings.from_config(config.augment)
   size = pipeline.image_size(config)
-  eigen = (datasets.lighting_eigen(source, split, config.get("cache_dir")) if settings.pca_lighting
+  eigen = (datasets.lighting_eigen(source, split, config.cache_dir) if settings.pca_lighting
            else (augment.IMAGENET_EIGVALS, augment.IMAGENET_EIGVECS))
   view_fn = tf.function(pipeline.train_preprocess_fn(settings, size, source.channels, decoded=False,
                                                      eigen=eigen))
@@ -121,7 +121,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from cnn_jax import cli  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data.tf_runtime import tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   return cli.run(show, config_from_flags(), FLAGS.out, FLAGS.num_images, FLAGS.num_views, FLAGS.seed,
                  FLAGS.min_cell)

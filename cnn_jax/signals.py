@@ -1,31 +1,26 @@
-"""Stopping, pacing and divergence: the parts of the loop that decide when a run must stop or be distrusted.
+"""SIGTERM / SIGINT: a clean stop in the loop, a clean exit anywhere else.
 
-  stop = StopRequest.for_run(workdir)      # SIGTERM / SIGINT -> a clean stop (or a clean exit in set-up)
-  pacer = DispatchBound(depth=2)           # at most 2 train steps queued on the devices
-  monitor = DivergenceMonitor(num_classes) # flags a loss that explodes without becoming NaN
+  stop = StopRequest.for_run(workdir)      # the loop polls stop.should_stop(step, every)
 
-Signals (the exit statuses are the shell's: 128 + the signal number):
+The exit statuses are the shell's (128 + the signal number):
   * during set-up (before the first step), and after the loop: the command line exits at once, from a
     watcher thread, whatever the main thread is doing (XLA compiling, TF importing, GC): one line on stderr,
     status 130 for SIGINT, 143 for SIGTERM. Nothing is half-written: checkpoints are only written by the
     loop, and the workdir's JSON files are replaced atomically inside `no_exit()`.
-  * during the loop: the step in flight finishes (at most `DispatchBound.depth` steps run after the
-    signal), a checkpoint is saved, status 0. A second signal exits at once (130 / 143); the previous
-    checkpoint is kept and Orbax removes the unfinished one at the next start.
-Raising KeyboardInterrupt from a signal handler while XLA compiled or collected garbage ended in
-segmentation faults (status 139); on the command line no handler raises anything any more: the signals are
-blocked in every thread and received by one thread with sigwait.
+  * during the loop: the step in flight finishes (at most `pacing.DispatchBound.depth` steps run after the
+    signal; an eval in progress is abandoned), a checkpoint is saved, status 0. A second signal exits at once
+    (130 / 143); the previous checkpoint is kept and Orbax removes the unfinished one at the next start.
+Raising KeyboardInterrupt from a signal handler while XLA compiled or collected garbage ends in segmentation
+faults; on the command line no handler raises anything: the signals are blocked in every thread and received
+by one thread with sigwait.
 """
 
 import contextlib
-import hashlib
-import json
-import math
 import os
 import signal
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Optional
 
 # No numpy/JAX imports at module level: `guard_process` must run before any library starts a thread
 # (numpy's OpenBLAS starts one on import), and threads started before it do not block the signals.
@@ -141,20 +136,27 @@ class StopRequest:
       self.phase = "after"
 
   def should_stop(self, step: int, every: int) -> Optional[str]:
-    """The signal name if the run must stop before step `step` + 1; all processes get the same answer."""
-    import jax  # pylint: disable=g-import-not-at-top
+    """The signal name if the run must stop before step `step` + 1; all processes get the same answer
+    (with several processes they compare at steps that are multiples of `every` only)."""
     self._polled_step = step
+    return self._agreed(step % every == 0)
+
+  def eval_should_stop(self, batch: int, every: int = 4) -> Optional[str]:
+    """During an eval: the signal name if the eval must be abandoned before its batch `batch`; all processes
+    get the same answer (compared every `every` batches)."""
+    return self._agreed(batch % every == 0)
+
+  def _agreed(self, compare_now: bool) -> Optional[str]:
+    import jax  # pylint: disable=g-import-not-at-top  (see the module's imports)
     self._multi_process = jax.process_count() > 1
     if not self._multi_process:
-      name = self.requested
-    elif step % every:
+      return self.requested
+    if not compare_now:
       return None
-    else:
-      import numpy as np  # pylint: disable=g-import-not-at-top
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
-      name = (self.requested or "a signal to another process") if np.any(flags) else None
-    return name
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+    return (self.requested or "a signal to another process") if np.any(flags) else None
 
   # --- Receiving signals -----------------------------------------------------------------------------
 
@@ -230,102 +232,3 @@ def guard_process() -> Optional[StopRequest]:
   watch = guard._watch  # pylint: disable=protected-access
   threading.Thread(target=watch, name="cnn_jax-signals", daemon=True).start()
   return guard
-
-
-# --- Pacing the dispatch queue ---------------------------------------------------------------------
-
-class DispatchBound:
-  """Keeps at most `depth` train steps queued on the devices: before step t is dispatched, t - depth is done.
-
-  JAX dispatches asynchronously: without a bound the host runs ahead of the devices (about 32 steps on the
-  CPU) and a stop request waits for the whole queue. Waiting for step t-2 before dispatching t still keeps
-  one step queued behind the running one, so the devices never idle for it (measured: no loss of
-  throughput, see README "Reliability"). It needs only each step's metrics (any pytree of arrays the step
-  returns), so it works for whatever produces the step.
-  """
-
-  def __init__(self, depth: int = 2):
-    if depth < 1:
-      raise ValueError(f"depth={depth} must be >= 1")
-    self.depth = depth
-    self._in_flight: List[Any] = []
-
-  def wait_for_room(self) -> None:
-    """Blocks until fewer than `depth` dispatched steps are unfinished."""
-    import jax  # pylint: disable=g-import-not-at-top
-    while len(self._in_flight) >= self.depth:
-      jax.block_until_ready(self._in_flight.pop(0))
-
-  def dispatched(self, metrics: Any) -> None:
-    """Records a just-dispatched step by its output `metrics`."""
-    self._in_flight.append(metrics)
-
-
-# --- Divergence -----------------------------------------------------------------------------------
-
-class DivergenceMonitor:
-  """Spots a training loss that explodes while staying finite, and says which checkpoints are still good.
-
-  The mean train loss of each log interval is compared with the lowest interval mean so far: more than
-  `margin` above it is an explosion. margin = max(ln(num_classes) / 2, 0.5) nats (1.15 for 10 classes,
-  3.45 for 1000): far above the interval-to-interval noise of a healthy run, far below what a diverging
-  one shows (learning rate 20 on Fashion-MNIST: 2.4 -> 24.8). The first interval is compared with its
-  first step's loss.
-
-  The first explosion is kept (`diverged`: its first bad step, the interval mean and the best before it);
-  checkpoints saved from then on are not "good" (`sane` is False), so the advice after a NaN or a divergence
-  names a checkpoint from before it. The record travels in the checkpoint meta (`record()`).
-  """
-
-  def __init__(self, num_classes: int, record: Optional[Dict[str, Any]] = None):
-    self.margin = max(0.5 * math.log(max(int(num_classes), 2)), 0.5)
-    record = record or {}
-    self.best_loss: Optional[float] = record.get("best_loss")
-    self.diverged: Optional[Dict[str, Any]] = record.get("diverged")
-
-  @property
-  def sane(self) -> bool:
-    """True while the run has not diverged: a checkpoint saved now may be claimed as good."""
-    return self.diverged is None
-
-  def threshold(self) -> float:
-    """The interval mean above which the loss counts as exploded (inf before the first interval)."""
-    return math.inf if self.best_loss is None else self.best_loss + self.margin
-
-  def update(self, steps: Sequence[int], losses: Sequence[float]) -> Optional[Dict[str, Any]]:
-    """Feeds one log interval (finite per-step losses); returns the divergence record the first time."""
-    if not len(losses):  # pylint: disable=g-explicit-length-test
-      return None
-    mean = math.fsum(map(float, losses)) / len(losses)
-    # The first interval is judged against its own first step (a fresh network's loss can be far from
-    # ln(num_classes): NiN small starts at 7.7 for 10 classes).
-    reference = self.best_loss if self.best_loss is not None else float(losses[0])
-    limit = reference + self.margin
-    if mean > limit:
-      self.best_loss = reference  # an exploded interval never lowers the baseline
-      if self.diverged is not None:
-        return None
-      first = next((s for s, l in zip(steps, losses) if l > limit), steps[-1])
-      self.diverged = {"step": int(first), "interval_loss": mean, "best_loss": reference,
-                       "threshold": limit}
-      return self.diverged
-    self.best_loss = mean if self.best_loss is None else min(self.best_loss, mean)
-    return None
-
-  def first_bad_step(self, step: int) -> int:
-    """The first step whose loss was bad, given that step `step`'s was (the divergence may be earlier)."""
-    return min(step, self.diverged["step"]) if self.diverged else step
-
-  def record(self) -> Dict[str, Any]:
-    """What a checkpoint's meta keeps, so a resumed run goes on comparing with the same history."""
-    return {"best_loss": self.best_loss, "diverged": self.diverged, "sane": self.sane}
-
-
-def run_fingerprint(config_hash: str, lineage: Dict[str, Any]) -> str:
-  """The fingerprint a run reports: its config's, or, once the config changed mid-run, a different one
-  (so report.py does not compare the run as if it had used the new values throughout)."""
-  changes = lineage.get("config_changes") or []
-  if not changes:
-    return config_hash
-  blob = json.dumps([config_hash, changes], sort_keys=True, default=str).encode()
-  return "changed-" + hashlib.sha256(blob).hexdigest()[:16]
