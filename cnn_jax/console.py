@@ -223,6 +223,17 @@ def eval_line(step: int, epoch: float, metrics: Dict[str, Any], name: str = "eva
           f"loss {metrics['loss']:.4f}")
 
 
+def _terminal_columns(stream) -> Optional[int]:
+  """0 if `stream` is no terminal or one that reports 0 columns, its width if it reports one, None if it is a
+  terminal of unknown width."""
+  if not stream.isatty():
+    return 0
+  try:
+    return os.get_terminal_size(stream.fileno()).columns
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 class Progress:
   """The training progress of process 0: a tqdm bar on a terminal, a line per update otherwise.
 
@@ -244,14 +255,11 @@ class Progress:
     self._eval = ""
     if not self.enabled:
       return
-    if self._stream.isatty():
+    width = _terminal_columns(self._stream)
+    if width != 0:  # a bar; a pseudo-terminal that reports 0 columns gets one line per update, like a pipe
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      try:  # a terminal that reports no width (some pseudo-terminals) would get a bar of width 0
-        width = os.get_terminal_size(self._stream.fileno()).columns
-      except (OSError, ValueError, AttributeError):
-        width = 0
       self._bar = tqdm(total=self.total, initial=int(start_step), unit="step", desc="train",
-                       file=self._stream, dynamic_ncols=width > 0, ncols=None if width > 0 else 100,
+                       file=self._stream, dynamic_ncols=width is not None, ncols=100 if width is None else None,
                        smoothing=0.1, leave=True,
                        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                   "[{elapsed}<{remaining}]{postfix}")

@@ -71,6 +71,25 @@ def test_progress_lines_without_a_terminal():
   assert lines[2].endswith("| eval top-1 0.5000") and "\r" not in out.getvalue()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal with TIOCSWINSZ")
+def test_a_terminal_that_reports_zero_columns_gets_progress_lines():
+  """Some pseudo-terminals report a width of 0: a bar there would never show; they get one line per update."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import pty  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  import termios  # pylint: disable=g-import-not-at-top
+  main_fd, sub_fd = pty.openpty()
+  fcntl.ioctl(sub_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))
+  with os.fdopen(sub_fd, "w") as stream:
+    assert stream.isatty() and os.get_terminal_size(sub_fd).columns == 0
+    progress = console.Progress(100, stream=stream)
+    progress.update(50, 0.5, 800.0)
+    progress.close()
+    out = os.read(main_fd, 4096).decode()
+  os.close(main_fd)
+  assert out.startswith("step 50/100 (50.0%) loss 0.5000 | 800 img/s") and "\r" not in out.replace("\r\n", "\n")
+
+
 def test_default_workdir_is_named_after_the_config():
   assert console.default_workdir("configs/nin.py") == os.path.join("runs", "nin")
   assert console.default_workdir("configs/vgg.py:quick") == os.path.join("runs", "vgg_quick")

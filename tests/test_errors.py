@@ -147,6 +147,29 @@ def test_empty_class_folder(image_folder_factory, tmp_path, capfd):
   assert status == cli.EXIT_USER_ERROR and "empty_class" in line and "holds no images" in line, line
 
 
+def test_a_folder_of_one_class_is_refused(image_folder_factory, tmp_path, capfd):
+  root = image_folder_factory(classes=("cat",))
+  status, line = _train_status(_folder_config(root), tmp_path / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR and "1 class (cat)" in line and "at least 2" in line, line
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_a_workdir_that_is_a_file(tmp_path, capfd):
+  path = tmp_path / "a_file"
+  path.write_text("x")
+  status, line = _train_status(_config(), path, capfd)
+  assert status == cli.EXIT_USER_ERROR and "is a file, not a folder" in line, line
+  assert path.read_text() == "x"
+
+
+def test_a_config_file_that_returns_none(tmp_path):
+  (tmp_path / "none.py").write_text("def get_config(arg=None):\n  pass\n")
+  proc = _run([f"--config={tmp_path / 'none.py'}", f"--workdir={tmp_path / 'w'}"])
+  assert proc.returncode == cli.EXIT_USER_ERROR
+  assert "get_config() returned None (a missing return?)" in _one_error_line(proc.stderr)
+  assert proc.stderr.strip().count("\n") == 0, proc.stderr  # no library warning beside it
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_image_in_folder(damage, image_folder_factory, tmp_path, capfd):
   root = image_folder_factory()

@@ -7,6 +7,7 @@ steps the devices had finished when the signal was sent (read without blocking, 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from cnn_jax import divergence
 from cnn_jax import pacing
 from cnn_jax import signals
 from cnn_jax import train
+from cnn_jax.compare import sweep as sweep_lib
 from cnn_jax.compare.sweep import apply_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +79,44 @@ def test_stop_acts_within_two_steps_of_the_signal(fashion_mnist_dir, tmp_path):
   assert _steps_in(str(tmp_path / "run")) == [result["step"]]
 
 
+@pytest.mark.heavy
+def test_a_stop_during_an_eval_abandons_it_and_saves_the_training_state(fashion_mnist_dir, fashion_mnist_arrays,
+                                                                         tmp_path):
+  """SIGTERM while train.py evaluates (the whole 10,000-image test split in batches of 16, mid-run): the eval is
+  abandoned (no eval record, no top-1 in the checkpoint), the state after the last step is saved, status 0; the
+  same command then resumes from that step and finishes. Counted in records and steps, never timed."""
+  workdir = tmp_path / "run"
+  args = [sys.executable, "train.py", "--config=configs/lenet.py:smoke", f"--workdir={workdir}",
+          f"--config.data_dir={fashion_mnist_dir}", "--config.train_split=train[:2048]", "--config.num_train_steps=24",
+          "--config.eval_every_epochs=0.125", "--config.eval_batch_size=16", "--config.log_every_steps=4",
+          "--config.checkpoint_every_steps=1000", "--config.progress=false"]  # an eval every 8 steps
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  metrics = workdir / "metrics.jsonl"
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    # The loop writes step 8's train record right before it starts the eval of step 8.
+    while not (metrics.exists() and any(json.loads(l)["step"] == 8 for l in metrics.read_text().splitlines())):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()
+      time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  assert "Stopped by SIGTERM after step 8;" in out, out[-2000:]
+  records = [json.loads(l) for l in metrics.read_text().splitlines()]
+  assert not [r for r in records if r["split"] == "eval"], records  # the abandoned eval is not recorded
+  assert _steps_in(str(workdir)) == [8]
+  assert "top1" not in json.load(open(workdir / "checkpoints" / "8" / "metrics" / "metrics"))
+  again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert again.returncode == 0 and "from step 8." in again.stdout, again.stderr[-3000:]
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["steps"] == 24 and summary["eval_examples"] == 10_000
+  assert [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["split"] == "eval"] == [16, 24]
+
+
 def test_dispatch_bound_waits_for_step_t_minus_2():
   """Before step t is dispatched, step t-2 has finished; step t-1 may still run."""
   waited = []
@@ -112,6 +152,22 @@ def _signals_blocked(pid):
   except (OSError, StopIteration):
     return False
   return all(mask & (1 << (s - 1)) for s in (signal.SIGINT, signal.SIGTERM))
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3])
+def test_ctrl_c_in_the_first_moments_exits_without_a_traceback(tmp_path, delay):
+  """Before train.py's imports are done (before the signal guard): one line and status 130, or, before the
+  interpreter is up, the default disposition (killed by SIGINT). Never a KeyboardInterrupt traceback."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "train.py", "--config=configs/lenet.py:smoke",
+                           f"--workdir={tmp_path / 'w'}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode in (cli.EXIT_INTERRUPTED, -signal.SIGINT), (proc.returncode, err)
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+  assert len(err.strip().splitlines()) <= 1, err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -185,11 +241,20 @@ def _lenet(data_dir, **overrides):
   return config
 
 
+def _advised(line):
+  """The two ways back an error line advises, as {field: value} overrides (and 'workdir' for the new run)."""
+  first, _, second = line.partition(" or start a new run")
+  as_fields = lambda text: {k.replace("config.", "", 1): v for k, v in sweep_lib.parse_overrides(
+      re.findall(r"--([\w.]+=\S+?)(?=[,;]?(?:\s|$))", text)).items()}
+  return as_fields(first), as_fields(second)
+
+
 @pytest.mark.heavy
 def test_nan_advice_names_a_good_checkpoint_and_following_it_works(fashion_mnist_dir, tmp_path, capfd):
   """LR 30: the loss explodes at step 3 and is NaN at step 10, every step checkpointed. The checkpoints
-  of steps 2-9 hold exploded parameters; the error names step 1 (kept although older than the last 3),
-  and following its advice (restore_step + a lower learning rate) trains to the end."""
+  of steps 2-9 hold exploded parameters; the error names step 1 (kept although older than the last 3), and
+  following either way back it prints, flag for flag (restore_step + a lower learning rate in this workdir;
+  init_from + clipping + a lower learning rate in a new one), trains to the end."""
   wd = str(tmp_path / "lr30")
   config = _lenet(fashion_mnist_dir, num_train_steps=30)
   config.optimizer.learning_rate = 30.0
@@ -201,9 +266,18 @@ def test_nan_advice_names_a_good_checkpoint_and_following_it_works(fashion_mnist
   assert "--config.restore_step=1 " in errors[0], errors[0]
   before = _steps_in(wd)
   assert 1 in before and max(before) >= 8  # the good one survived the retention policy (keep=3)
+  rerun, new_run = _advised(errors[0])
 
-  config.optimizer.learning_rate = 0.01
-  config.restore_step = 1
+  # Option 2 first, exactly as printed: a new workdir from step 1's weights, clipped, at the advised rate.
+  workdir2 = new_run.pop("workdir")
+  assert workdir2 != wd and not os.path.exists(workdir2)
+  summary2 = train.train_and_evaluate(apply_overrides(config, new_run), workdir2)
+  assert summary2["steps"] == 30 and summary2["diverged"] is None and np.isfinite(summary2["final_loss"])
+  assert not os.path.exists(os.path.join(wd, "checkpoints_superseded"))  # the diverged workdir is untouched
+
+  # Option 1, exactly as printed: the same workdir rewound to step 1, at the advised rate.
+  assert set(rerun) == {"restore_step", "optimizer.learning_rate"}, rerun
+  config = apply_overrides(config, rerun)
   config.checkpoint_every_steps, config.log_every_steps = 10, 5  # (not part of the recipe)
   summary = train.train_and_evaluate(config, wd)
   assert summary["steps"] == 30 and summary["diverged"] is None

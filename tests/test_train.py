@@ -202,6 +202,25 @@ def test_train_py_end_to_end_on_mock_data(dataset, model, tmp_path):
   assert "Done:" in proc.stdout and "img/s" in proc.stdout
 
 
+def test_a_finished_run_run_again_keeps_its_record(fashion_mnist_dir, fashion_mnist_arrays, tmp_path, capsys):
+  """The same command after the run finished: it says so and shows the result; summary.json, metrics.jsonl and
+  the checkpoints are left exactly as they were (no second eval, no new wall time or img/s)."""
+  from cnn_jax import train  # pylint: disable=g-import-not-at-top
+  config = _config(model="lenet", data_dir=fashion_mnist_dir, input="device", num_train_steps=4,
+                   train_split="train[:512]", eval_split="test[:128]", progress=False)
+  workdir = tmp_path / "run"
+  first = train.train_and_evaluate(config, str(workdir))
+  files = {name: (workdir / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
+  checkpoints = sorted(os.listdir(workdir / "checkpoints"))
+  capsys.readouterr()
+  again = train.train_and_evaluate(config, str(workdir))
+  out = capsys.readouterr().out
+  assert again == json.loads(files["summary.json"]) and again["final_top1"] == first["final_top1"]
+  assert "is finished (step 4 of 4)" in out and "Done: lenet" in out, out
+  assert {name: (workdir / name).read_bytes() for name in files} == files
+  assert sorted(os.listdir(workdir / "checkpoints")) == checkpoints
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--config=configs/nin.py:smoke", "--config.model=resnet50"], "resnet50"),
     (["--config=configs/nin.py:smoke,dataset=no_such_dataset"], "no_such_dataset"),

@@ -3,6 +3,8 @@
 import dataclasses
 from typing import Optional, Tuple
 
+from cnn_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -17,6 +19,12 @@ class DatasetInfo:
   num_eval: int
   class_names: Tuple[str, ...]
   image_shape: Tuple[Optional[int], Optional[int], Optional[int]]
+
+  def __post_init__(self):
+    if self.num_classes < 2:  # a one-class folder would "train" to top-1 1.0 at loss 0
+      names = f" ({', '.join(self.class_names)})" if self.class_names else ""
+      raise UserError(f"{self.name} has {self.num_classes} class{names}: a classifier needs at least 2 (for an "
+                      "image folder: one sub-folder per class)")
 
 
 FOLDER_PREFIX = "folder:"
