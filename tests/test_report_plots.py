@@ -88,17 +88,42 @@ def test_runs_without_an_eval_give_a_note_not_blank_plots(tmp_path):
   make_run(root, "a", "nin", 10, 0.1, (), finished=False)
   make_run(root, "b", "lenet", 5, 0.01, (), finished=False)
   out = tmp_path / "report"
-  os.makedirs(out)
-  (out / "top1_vs_params.png").write_bytes(b"old")  # from an earlier report: must not survive
   paths = report_lib.report([str(root)], str(out), log=lambda m: None)
   assert not any(k.startswith("top1_vs") for k in paths)
-  assert not os.path.exists(out / "top1_vs_params.png")
+  assert not [f for f in os.listdir(out) if f.endswith(".png")]
   md = open(paths["markdown"]).read()
   assert "No accuracy plots: none of these runs has evaluated yet" in md and "![" not in md
   # One run with evals: its curve is drawn and the other is named on the plot.
   make_run(root, "c", "nin", 10, 0.1, (0.5,), finished=False)
-  paths = report_lib.report([str(root)], str(out), log=lambda m: None)
+  paths = report_lib.report([str(root)], str(out), log=lambda m: None, overwrite=True)  # a third run now
   assert "top1_vs_epoch" in paths and "top1_vs_params" in paths
+
+
+def test_a_report_never_replaces_or_deletes_what_it_did_not_write(tmp_path):
+  """A folder of published results (no manifest, as docs/results/*) or another set of runs' report is refused
+  in one line with nothing touched; --overwrite replaces the report but removes only files a report wrote."""
+  root, few = tmp_path / "runs", tmp_path / "few"
+  make_run(root, "a", "nin", 10, 0.1, (0.4, 0.5))
+  make_run(few, "b", "nin", 10, 0.1, (), finished=False)
+  published = tmp_path / "published"
+  os.makedirs(published)
+  for name, data in (("report.md", b"# the published one"), ("top1_vs_epoch.png", b"png")):
+    (published / name).write_bytes(data)
+  with pytest.raises(UserError, match="did not write.*--overwrite"):
+    report_lib.report([str(few)], str(published), log=lambda m: None)
+  assert sorted(os.listdir(published)) == ["report.md", "top1_vs_epoch.png"]
+  assert (published / "report.md").read_bytes() == b"# the published one"
+
+  out = tmp_path / "out"
+  report_lib.report([str(root)], str(out), log=lambda m: None)
+  assert os.path.exists(out / "top1_vs_epoch.png")
+  report_lib.report([str(root)], str(out), log=lambda m: None)  # the same runs again: updated in place
+  with pytest.raises(UserError, match="a report of other runs"):
+    report_lib.report([str(few)], str(out), log=lambda m: None)
+  (out / "notes.txt").write_text("mine")
+  report_lib.report([str(few)], str(out), log=lambda m: None, overwrite=True)
+  assert not os.path.exists(out / "top1_vs_epoch.png")  # written by the earlier report: it goes
+  assert (out / "notes.txt").read_text() == "mine"       # never written by a report: it stays
 
 
 def _overlap(a, b):

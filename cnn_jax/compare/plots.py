@@ -245,11 +245,8 @@ def write_plots(runs, labels: Mapping[str, str], groups: List[Mapping[str, Any]]
                                      os.path.join(out, "top1_vs_flops.png")),
   }
   for name, path in list(paths.items()):
-    if path is None:  # nothing to plot yet (no eval): no file, and no stale one from an earlier report
+    if path is None:  # nothing to plot yet (no eval): no file (report.py removes its own earlier one)
       del paths[name]
-      stale = os.path.join(out, f"{name}.png")
-      if os.path.exists(stale):
-        os.remove(stale)
   if any(r.train_evals for r in runs):
     paths["train_vs_test"] = plot_train_vs_test(runs, labels, os.path.join(out, "train_vs_test.png"))
   if any(grad_norm_layers(r) for r in runs):

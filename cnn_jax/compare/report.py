@@ -517,11 +517,50 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
   return paths
 
 
+MANIFEST = ".report.json"  # in a report's folder: the runs it compared and the files it wrote
+
+
+def read_manifest(out: str) -> Optional[Dict[str, Any]]:
+  try:
+    with open(os.path.join(out, MANIFEST)) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return manifest if isinstance(manifest, dict) else None
+
+
+def check_out(out: str, runs: Sequence[RunRecord], overwrite: bool) -> Optional[Dict[str, Any]]:
+  """The previous manifest of `out`; UserError if writing there would replace a report of other runs (or
+  files that no report wrote) without `overwrite`."""
+  if not os.path.isdir(out) or not os.listdir(out):
+    return None
+  manifest = read_manifest(out)
+  workdirs = sorted(os.path.abspath(r.workdir) for r in runs)
+  if overwrite or (manifest is not None and manifest.get("runs") == workdirs):
+    return manifest
+  what = ("a report of other runs" if manifest is not None else
+          f"files that report.py did not write ({', '.join(sorted(os.listdir(out))[:4])}, ...)")
+  raise UserError(f"--out={out} already holds {what}; pass another --out (e.g. runs/report), or "
+                  "--overwrite=true to replace it")
+
+
+def write_manifest(out: str, runs: Sequence[RunRecord], paths: Mapping[str, str]) -> None:
+  manifest = {"runs": sorted(os.path.abspath(r.workdir) for r in runs),
+              "files": sorted(os.path.basename(p) for p in paths.values())}
+  with open(os.path.join(out, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=2)
+
+
 def report(patterns: Sequence[str], out: str, expect_identical: bool = True, allow_mismatch: bool = False,
            allowed: Sequence[str] = (), plots: bool = True, log=print,
-           target: float = DEFAULT_TARGET_TOP1) -> Dict[str, str]:
-  """The whole of report.py: load, verify, write. Returns the written paths."""
+           target: float = DEFAULT_TARGET_TOP1, overwrite: bool = False) -> Dict[str, str]:
+  """The whole of report.py: load, verify, write. Returns the written paths.
+
+  `out` must be empty, or hold this same set of runs' earlier report (its manifest says so), unless
+  `overwrite`; only files an earlier report wrote (its manifest lists them) are ever removed.
+  """
   runs = load_runs(patterns)
+  previous = check_out(out, runs, overwrite)
   allowed = tuple(allowed) + sweep_varies(runs)
   mismatched = []
   if expect_identical:
@@ -530,6 +569,11 @@ def report(patterns: Sequence[str], out: str, expect_identical: bool = True, all
       log(f"WARNING: runs differ in {field}: {differing_fields(runs)[field]}")
   paths = write_report(runs, out, allowed=allowed if expect_identical else tuple(differing_fields(runs)),
                        mismatched=mismatched, plots=plots, target=target)
+  for name in set((previous or {}).get("files") or []) - {os.path.basename(p) for p in paths.values()}:
+    stale = os.path.join(out, os.path.basename(name))  # e.g. a plot this report has nothing for
+    if os.path.isfile(stale):
+      os.remove(stale)
+  write_manifest(out, runs, paths)
   no_tb = [r.name for r in runs if not r.tb_events]
   if no_tb:
     log(f"WARNING: no TensorBoard events in {', '.join(no_tb)}")
