@@ -11,7 +11,6 @@ import tensorflow as tf
 
 from cnn_jax.data import datasets
 from cnn_jax.data import pipeline
-from cnn_jax.data import datasets
 from cnn_jax.errors import UserError
 from tests.conftest import make_image_folder
 from tests.test_data import _config

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cnn_jax.data.info import DatasetInfo, FOLDER_PREFIX, base_name_of
+from cnn_jax.data.info import DatasetInfo, FOLDER_PREFIX, base_name_of, parse_holdout
 from cnn_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -89,6 +89,9 @@ def dataset_key(config, resolution: Optional[int]) -> str:
   if name.startswith(FOLDER_PREFIX):
     root = os.path.abspath(os.path.expanduser(name[len(FOLDER_PREFIX):]))
     key = f"folder-{os.path.basename(root.rstrip(os.sep)) or 'root'}-{_short_hash(root)}"
+    holdout = parse_holdout(config.eval_split)
+    if holdout:  # the train split is the folder less the hold-out: another cache
+      key += f"-holdout{holdout:g}"
   else:
     key = re.sub(r"[^A-Za-z0-9_.-]+", "__", name)
   return f"{key}-r{resolution}" if resolution else key
@@ -304,6 +307,8 @@ def build_split(config, split: str, resolution: Optional[int], dest: str) -> Spl
       del array
     meta = {"format_version": FORMAT_VERSION, "dataset": source.name, "split": split,
             "num_examples": count, "class_names": list(info.class_names), "resolution": resolution,
+            # Resized by the automatic rule, which resizes a folder only when its images differ in size.
+            "sizes_vary": bool(resolution and not config.array_cache_res),
             "files": files, "source": signature, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with open(os.path.join(tmp, _META), "w") as f:
       json.dump(meta, f, indent=1)
@@ -381,6 +386,7 @@ def cached_shape(config) -> Optional[Tuple[Optional[int], Tuple[int, ...]]]:
     prefix = dataset_key(config, None) + "-r"
     candidates += sorted(d for d in os.listdir(root) if d.startswith(prefix))
   wanted = resolution_for(config, fixed_shape=False)
+  auto_folder = not config.array_cache_res and str(config.dataset).startswith(FOLDER_PREFIX)
   for key in candidates:
     folder = os.path.join(root, key)
     if not os.path.isdir(folder):
@@ -390,6 +396,8 @@ def cached_shape(config) -> Optional[Tuple[Optional[int], Tuple[int, ...]]]:
         meta = read_meta(os.path.join(folder, split))
       except StaleCacheError:
         continue
+      if meta["resolution"] is not None and auto_folder and not meta.get("sizes_vary"):
+        continue  # resized by an older rule although its images may all have one size: build it again
       if meta["resolution"] in (None, wanted):
         return meta["resolution"], tuple(meta["files"][_IMAGES]["shape"][1:])
   return None

@@ -170,6 +170,18 @@ def ten_crop(image: jax.Array, size: int, resize_ratio: float = 256 / 224) -> ja
 
 # --- Photometric ops on float32 [H, W, 3] in [0, 1] ------------------------------------------------
 
+# x / 255 for every uint8 value x, rounded as TensorFlow's `image / 255.0` rounds it. (XLA turns a division by
+# a scalar into a multiplication by its reciprocal, which rounds 126 of the 256 values differently.)
+_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
+def to_unit(image: jax.Array) -> jax.Array:
+  """[0, 255] -> float32 [0, 1]: a uint8 image (not resampled) exactly as the host pipeline scales it."""
+  if image.dtype == jnp.uint8:
+    return jnp.asarray(_UNIT)[image.astype(jnp.int32)]
+  return image / 255.0
+
+
 def to_rgb(image: jax.Array) -> jax.Array:
   """[..., 1] -> [..., 3] by repeating the channel; [..., 3] unchanged."""
   return jnp.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
@@ -241,15 +253,19 @@ def normalize(image, mean: Sequence[float], std: Sequence[float]):
 # --- Composed: one example, then a batch -----------------------------------------------------------
 
 def train_crop(image: jax.Array, key: jax.Array, settings: AugmentSettings, size: int) -> jax.Array:
-  """The training crop of `settings.crop`: uint8 [H, W, C] -> float32 [size, size, C] in [0, 255]."""
+  """The training crop of `settings.crop`: uint8 [H, W, C] -> [size, size, C] in [0, 255]; float32 where it
+  resamples, uint8 where it does not (a pad-crop of an image already size x size is a pure shift)."""
   height, width = image.shape[:2]
   if settings.crop == "pad_random_crop":
-    return resize(pad_random_crop(image, key, settings.pad), size)
+    shifted = pad_random_crop(image, key, settings.pad)
+    return shifted if (height, width) == (size, size) else resize(shifted, size)
   if settings.crop == "random_resized":
     window = random_resized_crop_window(key, height, width, settings.area_range, settings.aspect_range)
   elif settings.crop == "resize_random_crop":
     window = resize_random_crop_window(key, height, width, settings.resize_ratio)
   else:
+    if (height, width) == (size, size):
+      return image
     window = (0, 0, height, width)
   return crop_and_resize(image, window, size)
 
@@ -259,7 +275,7 @@ def train_example(image: jax.Array, key: jax.Array, settings: AugmentSettings, s
   """One training example: uint8 [H, W, C] -> float32 [size, size, 3], as the host's train_preprocess_fn
   (crop, to [0, 1] RGB, flip, colour jitter, PCA lighting, normalisation)."""
   crop_key, flip_key, jitter_key, light_key = jax.random.split(key, 4)
-  image = to_rgb(train_crop(image, crop_key, settings, size) / 255.0)
+  image = to_rgb(to_unit(train_crop(image, crop_key, settings, size)))
   if settings.flip:
     image = random_flip(image, flip_key)
   image = color_jitter(image, jitter_key, settings.brightness, settings.contrast, settings.saturation,
@@ -273,11 +289,13 @@ def eval_example(image: jax.Array, eval_crop: str, resize_ratio: float, size: in
   height, width = image.shape[:2]
   if eval_crop == "ten_crop":
     image = ten_crop(image, size, resize_ratio)
+  elif (height, width) == (size, size) and (eval_crop == "resize" or square_side(height, width, resize_ratio) == size):
+    pass  # the image itself: nothing to crop or resample
   elif eval_crop == "center":
     image = crop_and_resize(image, center_crop_window(height, width, resize_ratio), size)
   else:
     image = resize(image, size)
-  image = to_rgb(image / 255.0)
+  image = to_rgb(to_unit(image))
   return image if mean_std is None else normalize(image, *mean_std)
 
 

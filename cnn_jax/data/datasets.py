@@ -31,7 +31,8 @@ import tensorflow_datasets as tfds
 from cnn_jax import console
 from cnn_jax.data import info as info_lib
 from cnn_jax.data import stats as stats_lib
-from cnn_jax.data.info import FOLDER_PREFIX, DatasetInfo  # pylint: disable=unused-import
+from cnn_jax.data.info import (FOLDER_PREFIX, HOLDOUT_PREFIX, HOLDOUT_SPLIT, DatasetInfo,  # pylint: disable=unused-import
+                               parse_holdout)
 from cnn_jax.data.stats import IMAGENET_MEAN_STD, RgbStatistics  # pylint: disable=unused-import
 from cnn_jax.errors import UserError
 
@@ -296,8 +297,6 @@ IMAGE_EXTENSIONS = _TF_EXTENSIONS + _PIL_EXTENSIONS
 # Folders and files that tools, not people, put there (a `git clone`, a macOS zip, Jupyter, Windows).
 _SYSTEM_NAMES = frozenset({"__MACOSX", "__pycache__", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN",
                            "System Volume Information", "lost+found"})
-HOLDOUT_PREFIX = "holdout:"
-HOLDOUT_SPLIT = "holdout"  # the held-out part of the train folder, when eval_split = 'holdout:10%'
 _EVAL_FOLDERS = ("test", "val", "validation")
 
 
@@ -310,21 +309,6 @@ def natural_key(name: str) -> Tuple:
   """Sort key that orders digit runs by value: '2' < '10', 'class9' < 'class10'; other text as sorted()."""
   return tuple((0, int(part), part) if part.isdigit() else (1, 0, part)
                for part in re.split(r"(\d+)", name) if part)
-
-
-def parse_holdout(eval_split: Optional[str]) -> Optional[float]:
-  """'holdout:10%' -> 0.1, 'holdout:0.2' -> 0.2, anything else -> None; UserError for a bad fraction."""
-  if not eval_split or not str(eval_split).startswith(HOLDOUT_PREFIX):
-    return None
-  text = str(eval_split)[len(HOLDOUT_PREFIX):].strip()
-  try:
-    fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-  except ValueError:
-    fraction = -1.0
-  if not 0 < fraction < 1:
-    raise UserError(f"--config.eval_split={eval_split!r}: the hold-out must be a fraction of the train folder "
-                    "in (0, 1) such as holdout:10% or holdout:0.1")
-  return fraction
 
 
 def _list_dirs(path: str) -> List[str]:
@@ -444,6 +428,12 @@ class FolderSource(Source):
         num_eval=self.num_examples(eval_split), class_names=tuple(self.class_names),
         image_shape=(None, None, 3))
 
+  def uniform_size(self) -> Optional[Tuple[int, int]]:
+    """(height, width) if every image of every split has that size, else None: such a folder is cached and
+    trained at its own size, never resampled. Reads each file's header only, once per folder state."""
+    return _uniform_size(tuple(p for examples in self.splits.values() for p, _ in examples),
+                         _folder_fingerprint(self.root))
+
   def decoded_bytes(self, split, process_index=0, process_count=1, drop_remainder=False):
     # About 10x the encoded (JPEG) bytes.
     examples = self._slice(split, process_index, process_count, drop_remainder)
@@ -485,6 +475,24 @@ def _hold_out(examples: List[Tuple[str, int]], fraction: float, class_names: Seq
   random.Random("train|holdout").shuffle(kept)
   random.Random(HOLDOUT_SPLIT).shuffle(held)
   return kept, held
+
+
+@functools.lru_cache(maxsize=8)
+def _uniform_size(paths: Tuple[str, ...], fingerprint: Tuple) -> Optional[Tuple[int, int]]:
+  """The one (height, width) of all `paths` (image headers), or None if they differ or one is unreadable."""
+  del fingerprint  # part of the cache key: the folder's state
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  size = None
+  for path in paths:
+    try:
+      with Image.open(path) as image:
+        width, height = image.size
+    except Exception:  # pylint: disable=broad-except  (named later, when the pipeline decodes it)
+      return None
+    if size not in (None, (height, width)):
+      return None
+    size = (height, width)
+  return size
 
 
 def _folder_fingerprint(root: str) -> Tuple:

@@ -110,6 +110,8 @@ def plan(config, mesh) -> Plan:
     from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
     source = datasets.get_source(config)
     raw = source.info(roles["train"], roles["eval"]).image_shape
+    if not config.array_cache_res and isinstance(source, datasets.FolderSource) and source.uniform_size():
+      raw = source.uniform_size() + (source.channels,)  # images of one size are cached at that size
     fixed = all(isinstance(d, int) for d in raw)
     resolution = arrays.resolution_for(config, fixed)
     shape = tuple(raw) if fixed else (resolution, resolution, source.channels)

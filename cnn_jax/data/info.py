@@ -28,6 +28,8 @@ class DatasetInfo:
 
 
 FOLDER_PREFIX = "folder:"
+HOLDOUT_PREFIX = "holdout:"
+HOLDOUT_SPLIT = "holdout"  # the held-out part of the train folder, when eval_split = 'holdout:10%'
 
 # Datasets whose evaluation split is not called 'test' (config.eval_split = 'auto').
 EVAL_SPLITS = {"imagenet2012": "validation", "imagenette": "validation", "imagewang": "validation",
@@ -48,9 +50,26 @@ def resolve_splits(config, folder_splits=None) -> Tuple[str, str]:
   if train_split == "auto":
     train_split = "train"
   eval_split = config.eval_split or "auto"
+  if folder_splits is not None and parse_holdout(eval_split):
+    return train_split, HOLDOUT_SPLIT
   if eval_split == "auto":
     if folder_splits is not None:
       eval_split = next((s for s in ("test", "val", "validation") if s in folder_splits), "test")
     else:
       eval_split = EVAL_SPLITS.get(base_name_of(str(config.dataset)), "test")
   return train_split, eval_split
+
+
+def parse_holdout(eval_split: Optional[str]) -> Optional[float]:
+  """'holdout:10%' -> 0.1, 'holdout:0.2' -> 0.2, anything else -> None; UserError for a bad fraction."""
+  if not eval_split or not str(eval_split).startswith(HOLDOUT_PREFIX):
+    return None
+  text = str(eval_split)[len(HOLDOUT_PREFIX):].strip()
+  try:
+    fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+  except ValueError:
+    fraction = -1.0
+  if not 0 < fraction < 1:
+    raise UserError(f"--config.eval_split={eval_split!r}: the hold-out must be a fraction of the train folder "
+                    "in (0, 1) such as holdout:10% or holdout:0.1")
+  return fraction

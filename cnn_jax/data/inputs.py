@@ -31,12 +31,6 @@ def create(config, mesh, announce: Callable[[str], None] = print) -> input_api.I
     raise UserError(f"--config.input_memory_share={config.input_memory_share} must be in (0, 1]")
   if mode == "host":
     return _host(config, mesh, announce)
-  if str(config.eval_split).startswith("holdout:"):
-    # A hold-out of a folder's train split is drawn by the host pipeline (datasets.py).
-    if mode == "device":
-      raise UserError("--config.eval_split=holdout:... is drawn by the host pipeline; use --config.input=host "
-                      "(or auto), or name an eval folder")
-    return _host(config, mesh, announce)
   plan = device_input.plan(config, mesh)
   budget = input_api.device_memory_bytes(mesh)
   share = config.input_memory_share
