@@ -32,20 +32,21 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["lenet", "alexnet", "vgg11", "nin"], "Registry names.")
-flags.DEFINE_list("modes", ["host", "device"], "Input modes to time (host, device).")
-flags.DEFINE_enum("geometry", "small", ["small", "native"], "small: 32 px; native: the paper's resolution.")
-flags.DEFINE_float("width", 0.25, "Channel width of AlexNet/VGG/NiN (LeNet keeps its size).")
-flags.DEFINE_integer("batch", 128, "Global batch size.")
-flags.DEFINE_integer("steps", 100, "Timed steps per run (after the first logged interval).")
-flags.DEFINE_integer("log_every", 20, "The loop's log interval (one img/s record each).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_string("dataset", "fashion_mnist", "Dataset (tfds name or folder:...).")
-flags.DEFINE_string("data_dir", None, "Prepared tfds data dir (host mode, and to write the array cache).")
-flags.DEFINE_string("manual_dir", None, "Source files to prepare the dataset from, if not prepared.")
-flags.DEFINE_string("array_cache_dir", None, "Array cache folder (device mode).")
-flags.DEFINE_integer("eval_examples", 512, "Test images evaluated once at the end of each run.")
-flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
+if __name__ == "__main__":  # defined only when run: the tests import this module's functions
+  flags.DEFINE_list("models", ["lenet", "alexnet", "vgg11", "nin"], "Registry names.")
+  flags.DEFINE_list("modes", ["host", "device"], "Input modes to time (host, device).")
+  flags.DEFINE_enum("geometry", "small", ["small", "native"], "small: 32 px; native: the paper's resolution.")
+  flags.DEFINE_float("width", 0.25, "Channel width of AlexNet/VGG/NiN (LeNet keeps its size).")
+  flags.DEFINE_integer("batch", 128, "Global batch size.")
+  flags.DEFINE_integer("steps", 100, "Timed steps per run (after the first logged interval).")
+  flags.DEFINE_integer("log_every", 20, "The loop's log interval (one img/s record each).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_string("dataset", "fashion_mnist", "Dataset (tfds name or folder:...).")
+  flags.DEFINE_string("data_dir", None, "Prepared tfds data dir (host mode, and to write the array cache).")
+  flags.DEFINE_string("manual_dir", None, "Source files to prepare the dataset from, if not prepared.")
+  flags.DEFINE_string("array_cache_dir", None, "Array cache folder (device mode).")
+  flags.DEFINE_integer("eval_examples", 512, "Test images evaluated once at the end of each run.")
+  flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 
 
 def _config(model, mode):
@@ -102,11 +103,25 @@ def synthetic_img_per_s(config) -> float:
   return FLAGS.steps * config.batch_size / (time.perf_counter() - start)
 
 
+class Stopped(Exception):
+  """A signal (Ctrl-C, SIGTERM) stopped a run: the whole benchmark stops, the cut-short run is not reported."""
+
+  def __init__(self, signal_name: str, what: str):
+    super().__init__(f"{signal_name}: stopped during {what}; its img/s is not reported")
+    self.signal_name = signal_name
+
+
 def loop_img_per_s(config) -> float:
-  """train.py's own loop: the mean img/s of its train records after the first interval."""
+  """train.py's own loop: the mean img/s of its train records after the first interval.
+
+  Raises Stopped if a signal stopped the loop early (train_and_evaluate then returns {'stopped': ...}).
+  """
   from cnn_jax import train  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir)
+    summary = train.train_and_evaluate(config, workdir)
+    if summary.get("stopped"):
+      raise Stopped(summary["stopped"], f"the {config.model} run with {config.input} input (after step "
+                    f"{summary.get('step')})")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       records = [json.loads(l) for l in f]
   rates = [r["img_per_s"] for r in records if r["split"] == "train"][1:]
@@ -129,9 +144,16 @@ def main(argv):
   for model in FLAGS.models:
     row = {"model": model}
     base = _config(model, FLAGS.modes[0])
+    # A signal outside the loop (here, or in a run's set-up) exits the process at once (cli.setup_runtime
+    # guards it, status 130 / 143); one inside the loop ends that run early: stop everything, report nothing.
     row["synthetic"] = synthetic_img_per_s(base)
     for mode in FLAGS.modes:
-      row[mode] = loop_img_per_s(_config(model, mode))
+      try:
+        row[mode] = loop_img_per_s(_config(model, mode))
+      except Stopped as e:
+        print(f"{e}; the benchmark stops here{' (no --json_out written)' if FLAGS.json_out else ''}",
+              file=sys.stderr, flush=True)
+        return 130 if e.signal_name == "SIGINT" else 143
     rows.append(row)
     parts = [f"{model:8s} {base.image_size}px synthetic {row['synthetic']:8.0f} img/s"]
     for mode in FLAGS.modes:
@@ -144,6 +166,7 @@ def main(argv):
       json.dump({"device": device.device_kind, "backend": jax.default_backend(), "flags": {
           k: getattr(FLAGS, k) for k in ("geometry", "width", "batch", "steps", "dtype", "dataset")},
                  "rows": rows}, f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #   .arrays/  the Fashion-MNIST array cache (uint8 .npy + checksums, cnn_jax/data/arrays.py): the device input
 #             reads it with numpy alone, so the GPU run needs no TensorFlow
 # and checks that the tree that travels (tracked + untracked-not-ignored files, shared/) plus these two is under the
-# device's 64 MiB.
+# device's 64 MiB. A tracked file missing from the working tree stops it first, with the file's name.
 #
 #   bash benchmarks/gpu_carry.sh [--data_dir=PREPARED_TFDS_DIR] [--manual_dir=FASHION_MNIST_FILES]
 #
@@ -40,6 +40,17 @@ for path in .whl .arrays; do
   fi
 done
 
+# Before anything is downloaded: every tracked file must be there. `git ls-files --cached` lists a tracked file
+# that was deleted from the working tree (e.g. a committed plot removed by `report.py --out=docs/results/...` when
+# it had nothing to draw), and the size check below could not measure it.
+missing=$(git ls-files --deleted)
+if [ -n "$missing" ]; then
+  echo "error: $(printf '%s\n' "$missing" | wc -l) tracked file(s) are missing from the working tree:" >&2
+  printf '%s\n' "$missing" | head -n 10 | sed 's/^/   /' >&2
+  echo "   restore them (git checkout -- FILE) or commit their deletion, then run this again" >&2
+  exit 1
+fi
+
 echo "== wheels -> .whl/"
 mkdir -p .whl
 # --no-deps: their needs (absl-py, PyYAML, chex) are on the GPU image. One version of each: two stop the install.
@@ -69,8 +80,11 @@ if [ -d "$MANUAL_DIR" ]; then args+=(--manual_dir="$MANUAL_DIR"); fi
 "$PY" -m cnn_jax.data.prepare "${args[@]}"
 
 echo "== size of what travels (limit 64 MiB)"
-tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s -- 2>/dev/null \
-       | awk '{s += $1} END {print s + 0}')
+if ! sizes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s --); then
+  echo "error: could not read the size of every file git lists (stat's message above names them)" >&2
+  exit 1
+fi
+tree=$(printf '%s\n' "$sizes" | awk '{s += $1} END {print s + 0}')
 shared=0
 if [ -d shared ]; then shared=$(du -sb shared | cut -f1); fi
 whl=$(du -sb .whl | cut -f1)

@@ -1,12 +1,15 @@
 r"""Input pipeline throughput: augmented images per second, per core and per CPU-second.
 
-  python benchmarks/input_pipeline.py                 # both cases, about a minute on 2 cores
-  python benchmarks/input_pipeline.py --batches=50 --num_jpegs=1024
+  python benchmarks/input_pipeline.py --data_dir=/path/to/prepared/tfds     # every case, about a minute
+  python benchmarks/input_pipeline.py --manual_dir=/path/to/fashion_mnist   # (a) prepared from the four files
+  python benchmarks/input_pipeline.py --cases=jpeg,torch                    # no Fashion-MNIST needed
   python benchmarks/input_pipeline.py --folder=/data/my_images --image_size=224   # your own image folder
 
 (a) Fashion-MNIST resized to 224 with the shared config's training augmentation (decoded images cached
-    in memory, as in training). Uses $CNN_JAX_TFDS_DATA_DIR if it holds the prepared data, else prepares
-    it into a temporary dir from --manual_dir (about 20 s).
+    in memory, as in training), read from --data_dir (default $CNN_JAX_TFDS_DATA_DIR, else tfds's own
+    ~/tensorflow_datasets, where train.py prepares it). If it is not prepared there, --manual_dir (default
+    $CNN_JAX_FASHION_MNIST_MANUAL_DIR) prepares it into a temporary dir (about 20 s); without either, one
+    `error:` line and status 2. Nothing is ever downloaded.
 (b) A temporary folder of generated 500x375 JPEGs with the full AlexNet/Inception-style augmentation:
     random-resized crop 224, flip, brightness/contrast/saturation 0.4, PCA lighting 0.1, normalisation.
 (c) If torch is installed: a PyTorch DataLoader doing the same as (b) on the same files with PIL, as
@@ -38,8 +41,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed batches first (graph buildi
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
 _NUM_JPEGS = flags.DEFINE_integer("num_jpegs", 512, "Generated JPEGs for (b) and (c).")
 _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "tf.data threads / DataLoader workers.")
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", os.path.join(REPO, "..", "shared", "data", "fashion_mnist"),
-                                  "Fashion-MNIST source files, if not yet prepared.")
+_DATA_DIR = flags.DEFINE_string("data_dir", os.environ.get("CNN_JAX_TFDS_DATA_DIR"),
+                                "(a) tfds data dir holding the prepared Fashion-MNIST (default: tfds's).")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", os.environ.get("CNN_JAX_FASHION_MNIST_MANUAL_DIR"),
+                                  "(a) Fashion-MNIST's four source files, if it is not prepared in --data_dir.")
 _CASES = flags.DEFINE_list("cases", ["fashion_mnist", "jpeg", "torch"], "Which cases to run.")
 _FOLDER = flags.DEFINE_string("folder", None, "Time your own image folder (case d) instead of the others.")
 _SPLIT = flags.DEFINE_string("split", "train", "(d) The split folder to read.")
@@ -73,14 +78,24 @@ def _time_iterator(it, batch_size):
 
 
 def _fashion_mnist_data_dir(tmp):
+  """--data_dir if Fashion-MNIST is prepared there, else a temporary dir prepared from --manual_dir.
+
+  Never downloads: offline, tfds would retry the download for minutes. UserError (one line) otherwise.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  prepared = os.environ.get("CNN_JAX_TFDS_DATA_DIR")
-  if prepared and tfds.builder("fashion_mnist", data_dir=prepared).is_prepared():
-    return prepared
+  from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from cnn_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  where = _DATA_DIR.value or "tfds's default data dir"
+  if tfds.builder("fashion_mnist", data_dir=_DATA_DIR.value).is_prepared():
+    return _DATA_DIR.value
+  if not _MANUAL_DIR.value:
+    raise UserError(f"(a) needs Fashion-MNIST, which is not prepared in {where}: pass --data_dir=<prepared tfds "
+                    "dir> or --manual_dir=<folder with its four .gz files>, or leave it out with --cases=jpeg,torch")
+  if not os.path.isdir(_MANUAL_DIR.value):
+    raise UserError(f"--manual_dir={_MANUAL_DIR.value} is not a folder; point it at Fashion-MNIST's four .gz files")
   data_dir = os.path.join(tmp, "tfds")
-  print(f"preparing Fashion-MNIST into {data_dir} ...", flush=True)
-  tfds.builder("fashion_mnist", data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(_MANUAL_DIR.value)))
+  print(f"preparing Fashion-MNIST into {data_dir} from {_MANUAL_DIR.value} ...", flush=True)
+  datasets.TfdsSource("fashion_mnist", data_dir=data_dir, manual_dir=_MANUAL_DIR.value)  # download=False
   return data_dir
 
 
@@ -233,11 +248,10 @@ def bench_torch(root):
 
 def main(argv):
   del argv
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
   from cnn_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()  # before TensorFlow's import: its start-up lines only with --verbosity
+  from cnn_jax.data import tf_runtime  # pylint: disable=g-import-not-at-top,unused-import  (GPUs hidden)
   from cnn_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  console.quiet_libraries()
   tmp = tempfile.mkdtemp(prefix="cnn_jax_bench_")
   try:
     print(f"{os.cpu_count()} CPU cores, batch {_BATCH.value}, {_BATCHES.value} timed batches", flush=True)
@@ -248,8 +262,12 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
       return 0
-    if "fashion_mnist" in _CASES.value:
-      bench_fashion_mnist(tmp)
+    try:
+      if "fashion_mnist" in _CASES.value:
+        bench_fashion_mnist(tmp)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
     if "jpeg" in _CASES.value or "torch" in _CASES.value:
       root = make_jpeg_folder(os.path.join(tmp, "jpegs"), _NUM_JPEGS.value)
       ours = bench_jpeg(root) if "jpeg" in _CASES.value else None
