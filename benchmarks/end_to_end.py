@@ -79,10 +79,12 @@ def synthetic_img_per_s(config) -> float:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cnn_jax import ops, sharding as shd, steps as steps_lib, train  # pylint: disable=g-import-not-at-top
+  from cnn_jax.specs import OptimizerSpec  # pylint: disable=g-import-not-at-top
   mesh = shd.make_mesh()
   model = train.build_model(config, 10)
-  schedule = steps_lib.learning_rate_schedule(config, 100, config.num_train_steps)
-  tx = steps_lib.make_optimizer(config, schedule)
+  opt = OptimizerSpec.from_config(config)
+  schedule = steps_lib.learning_rate_schedule(opt, 100, config.num_train_steps)
+  tx = steps_lib.make_optimizer(opt, schedule)
   size = config.image_size
   repl = shd.replicated(mesh)
   state = steps_lib.jit_init(model, tx, (size, size, 3), out_shardings=repl)(jax.random.PRNGKey(0))

@@ -110,13 +110,13 @@ def _base_config():
 
 
 def bench_fashion_mnist(tmp):
-  from cnn_jax import data  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = _base_config()
   config.dataset = "fashion_mnist"
   config.data_dir = _fashion_mnist_data_dir(tmp)
   config.image_size = 224
   config.shuffle_buffer = 4096
-  images, wall, cpu = _time_iterator(data.create_train_iter(config, seed=0), _BATCH.value)
+  images, wall, cpu = _time_iterator(pipeline.create_train_iter(config, seed=0), _BATCH.value)
   crop = config.augment.crop
   return _report(f"(a) Fashion-MNIST 28->224, {crop}+flip", images, wall, cpu, _WORKERS.value)
 
@@ -140,7 +140,7 @@ _FULL_AUGMENT = dict(crop="random_resized", flip=True, brightness=0.4, contrast=
 
 
 def bench_jpeg(root):
-  from cnn_jax import data  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = _base_config()
   config.dataset = "folder:" + root
   config.eval_split = "train"
@@ -148,13 +148,13 @@ def bench_jpeg(root):
   config.cache = False  # ImageNet-sized data is decoded every step
   config.normalize = "imagenet"
   config.augment.update(_FULL_AUGMENT)
-  images, wall, cpu = _time_iterator(data.create_train_iter(config, seed=0), _BATCH.value)
+  images, wall, cpu = _time_iterator(pipeline.create_train_iter(config, seed=0), _BATCH.value)
   return _report("(b) JPEG 500x375 -> 224, full augmentation", images, wall, cpu, _WORKERS.value)
 
 
 def bench_folder(root):
   """(d): the shared recipe's training pipeline over a user's folder; returns img/s."""
-  from cnn_jax import data  # pylint: disable=g-import-not-at-top
+  from cnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
   config = _base_config()
   config.dataset = "folder:" + os.path.abspath(os.path.expanduser(root))
@@ -166,7 +166,7 @@ def bench_folder(root):
   listed = time.perf_counter() - t
   print(f"(d) {root}: {len(source.class_names)} classes, {source.num_examples(_SPLIT.value):,} images in "
         f"{_SPLIT.value}/, listed in {listed:.2f} s", flush=True)
-  images, wall, cpu = _time_iterator(data.create_train_iter(config, seed=0), _BATCH.value)
+  images, wall, cpu = _time_iterator(pipeline.create_train_iter(config, seed=0), _BATCH.value)
   crop = config.augment.crop
   return _report(f"(d) your folder -> {_IMAGE_SIZE.value}, {crop}+flip{', cached' if _CACHE.value else ''}",
                  images, wall, cpu, _WORKERS.value)

@@ -377,29 +377,31 @@ def _compiled_step(config):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cnn_jax import ops, perf, sharding as shd, steps as steps_lib, train  # pylint: disable=g-import-not-at-top
+  from cnn_jax.specs import OptimizerSpec  # pylint: disable=g-import-not-at-top
   mesh = shd.make_mesh()
   size = config.image_size
   repl = shd.replicated(mesh)
   if FLAGS.input == 'device':
     from cnn_jax.data import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
-    inp = inputs_lib.create(config, mesh, announce=lambda line: print(line, flush=True),
-                            compiler_options=ops.compiler_options())
+    inp = inputs_lib.create(config, mesh, announce=lambda line: print(line, flush=True))
     num_classes, steps_per_epoch = inp.info.num_classes, inp.steps_per_epoch
   else:
     inp, num_classes, steps_per_epoch = None, FLAGS.num_classes, 100
   model = train.build_model(config, num_classes)
-  schedule = steps_lib.learning_rate_schedule(config, steps_per_epoch, config.num_train_steps)
-  tx = steps_lib.make_optimizer(config, schedule)
+  opt = OptimizerSpec.from_config(config)
+  schedule = steps_lib.learning_rate_schedule(opt, steps_per_epoch, config.num_train_steps)
+  tx = steps_lib.make_optimizer(opt, schedule)
   state = steps_lib.jit_init(model, tx, (size, size, 3), out_shardings=repl)(jax.random.PRNGKey(0))
   step_fn = functools.partial(steps_lib.train_step, label_smoothing=config.optimizer.label_smoothing,
                               schedule=schedule)
   holder = {'state': state, 'step': 0}
   if inp is not None:
-    train_step = inp.train_step(step_fn, state, 0)
-    compiled, batch_spec = train_step.compiled, train_step.batch_spec
+    compiled = steps_lib.jit_train_step(step_fn, inp, mesh, ops.compiler_options()).lower(
+        state, inp.train_spec()).compile()
+    batch_spec = jax.eval_shape(inp.make_batch, inp.train_spec(), state.step)
 
     def call():
-      holder['state'], metrics = train_step(holder['state'], holder['step'])
+      holder['state'], metrics = compiled(holder['state'], inp.train_args(holder['step']))
       holder['step'] += 1
       return metrics
   else:
