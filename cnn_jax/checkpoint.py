@@ -139,13 +139,15 @@ def state_to_tree(state) -> Dict[str, Any]:
   tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
   if state.batch_stats is not None:
     tree["batch_stats"] = state.batch_stats
+  if state.ema is not None:
+    tree["ema"] = state.ema
   return tree
 
 
 def tree_to_state(state, tree: Dict[str, Any]):
   """Puts a restored dict back into `state` (the template it was restored against)."""
   return state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
-                       rng=tree["rng"], batch_stats=tree.get("batch_stats"))
+                       rng=tree["rng"], batch_stats=tree.get("batch_stats"), ema=tree.get("ema"))
 
 
 # --- Saving --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any, Dict
 # Config fields that define the pipeline and recipe (dotted paths; missing ones count as None).
 RECIPE_FIELDS = (
     "dataset", "train_split", "eval_split", "image_size", "batch_size", "eval_batch_size",
-    "shuffle_buffer", "deterministic", "augment", "normalize", "eval_crop", "eval_resize_ratio",
+    "shuffle_buffer", "deterministic", "augment", "normalize", "eval_crop", "eval_resize_ratio", "eval_flip",
     "optimizer", "schedule", "num_epochs", "num_train_steps", "seed", "dtype", "input",
 )
 FINGERPRINT_FIELDS = RECIPE_FIELDS  # the name older code and tests use

@@ -48,16 +48,15 @@ def inference_record(config, info, channels: int, mean_std) -> Dict[str, Any]:
   """What prediction needs besides the weights, recorded by the training loop in run_info.json.
 
   {'class_names': [...], 'channels': 1 | 3 (what images are decoded to), 'mean_std': [[mean], [std]] or
-  None, 'eval_preprocess': {'eval_crop', 'eval_resize_ratio', 'image_size'}}. `info`, `channels` and
+  None, 'eval_preprocess': {'eval_crop', 'eval_resize_ratio', 'image_size', 'eval_flip'}}. `info`, `channels` and
   `mean_std` come from the run's input (cnn_jax.data.inputs.Input): no dataset is opened here.
   """
   return {
       "class_names": list(info.class_names or []),
       "channels": int(channels),
       "mean_std": [list(map(float, mean_std[0])), list(map(float, mean_std[1]))] if mean_std else None,
-      "eval_preprocess": {"eval_crop": config.get("eval_crop", "center"),
-                          "eval_resize_ratio": float(config.get("eval_resize_ratio", 1.0)),
-                          "image_size": int(config.image_size)},
+      "eval_preprocess": {"eval_crop": config.eval_crop, "eval_resize_ratio": float(config.eval_resize_ratio),
+                          "image_size": int(config.image_size), "eval_flip": bool(config.eval_flip)},
   }
 
 
@@ -128,6 +127,8 @@ def load_variables(ref: CheckpointRef) -> Tuple[Dict[str, Any], Dict[str, Any], 
     step, state, meta = ckpt_lib.read_newest_good(ref.directory, ref.step, flag)
   else:
     step, state, meta = ckpt_lib.read_newest_good(ref.directory, None, flag)
+  if state.get("ema") is not None:  # the run evaluated its averaged weights: so does prediction
+    return dict(state["ema"]), meta, step
   variables = {"params": state["params"]}
   if state.get("batch_stats") is not None:
     variables["batch_stats"] = state["batch_stats"]
@@ -236,7 +237,7 @@ class Predictor:
   """A trained network plus the eval preprocessing of its run."""
 
   def __init__(self, config, variables: Dict[str, Any], class_names: Sequence[str],
-               preprocess: Callable[[bytes], np.ndarray], step: int):
+               preprocess: Callable[[bytes], np.ndarray], step: int, flip: bool = False):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from cnn_jax import models
@@ -244,6 +245,7 @@ class Predictor:
     self.config = config
     self.class_names = list(class_names)
     self.step = step
+    self.flip = flip  # average each image's logits with its mirror image's, as the run's eval did
     self._preprocess = preprocess
     dtype = config.get("dtype", "float32")
     if dtype not in _DTYPES:
@@ -277,7 +279,8 @@ class Predictor:
     pre = record["eval_preprocess"]
     fn = pipeline.eval_preprocess_fn(pre["eval_crop"], float(pre["eval_resize_ratio"]),
                                      int(pre["image_size"]), channels, mean_std)
-    return cls(config, variables, class_names, lambda data: fn(decodable(data, channels)).numpy(), step)
+    return cls(config, variables, class_names, lambda data: fn(decodable(data, channels)).numpy(), step,
+               flip=bool(pre.get("eval_flip", False)))
 
   def preprocess(self, data: bytes) -> np.ndarray:
     """Encoded image -> float32 [S, S, 3] (or [10, S, S, 3] with ten-crop eval), exactly as eval does."""
@@ -289,6 +292,9 @@ class Predictor:
       n, crops = images.shape[:2]
       out = np.asarray(self._apply(self._variables, images.reshape((n * crops,) + images.shape[2:])))
       return out.reshape(n, crops, -1).mean(axis=1).astype(np.float32)
+    if self.flip:
+      return ((np.asarray(self._apply(self._variables, images), np.float32)
+               + np.asarray(self._apply(self._variables, images[:, :, ::-1]), np.float32)) / 2)
     return np.asarray(self._apply(self._variables, images), np.float32)
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:

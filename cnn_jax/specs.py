@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from cnn_jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-SCHEDULES = ("cosine", "linear", "step", "constant")
+SCHEDULES = ("cosine", "linear", "onecycle", "step", "constant")
 
 
 def _whole(name: str, value, minimum: int) -> int:
@@ -79,6 +79,7 @@ class OptimizerSpec:
   decay_biases: bool
   grad_clip_norm: float
   label_smoothing: float
+  ema_decay: float
   batch_size: int
   schedule: ScheduleSpec
 
@@ -88,7 +89,11 @@ class OptimizerSpec:
     if sched.name not in SCHEDULES:
       raise UserError(f"--config.schedule.name={sched.name!r} is not one of {list(SCHEDULES)}")
     schedule = ScheduleSpec(sched.name, _number("schedule.warmup_epochs", sched.warmup_epochs, 0.0),
-                            tuple(float(e) for e in sched.step_epochs), float(sched.step_factor))
+                            tuple(float(e) for e in sched.step_epochs),
+                            _number("schedule.step_factor", sched.step_factor, 0.0))
+    if sched.name == "onecycle" and not schedule.warmup_epochs > 0:
+      raise UserError("--config.schedule.name=onecycle rises to its peak over --config.schedule.warmup_epochs; "
+                      "set it > 0 (e.g. 0.3 of the run's epochs)")
     return cls(
         learning_rate=_number("optimizer.learning_rate", opt.learning_rate, 0.0),
         momentum=_number("optimizer.momentum", opt.momentum, 0.0, 1.0, hi_open=True),
@@ -97,6 +102,7 @@ class OptimizerSpec:
         decay_biases=bool(opt.decay_biases),
         grad_clip_norm=_number("optimizer.grad_clip_norm", opt.grad_clip_norm, 0.0),
         label_smoothing=_number("optimizer.label_smoothing", opt.label_smoothing, 0.0, 1.0, hi_open=True),
+        ema_decay=_number("optimizer.ema_decay", opt.ema_decay, 0.0, 1.0, hi_open=True),
         batch_size=_whole("batch_size", config.batch_size, 1),
         schedule=schedule)
 
@@ -125,6 +131,7 @@ class LoopSpec:
   allow_config_change: bool
   progress: bool
   log_grad_norms: bool
+  eval_flip: bool
 
   @classmethod
   def from_config(cls, config) -> "LoopSpec":
@@ -148,10 +155,16 @@ class LoopSpec:
         keep_checkpoints=_whole("keep_checkpoints", config.keep_checkpoints, 1),
         checkpoint_async=bool(config.checkpoint_async), init_from=config.init_from or None,
         restore_step=config.restore_step, allow_config_change=bool(config.allow_config_change),
-        progress=bool(config.progress), log_grad_norms=bool(config.log_grad_norms))
+        progress=bool(config.progress), log_grad_norms=bool(config.log_grad_norms),
+        eval_flip=bool(config.eval_flip))
 
   def total_steps(self, steps_per_epoch: int) -> int:
     return self.num_train_steps if self.num_train_steps > 0 else max(1, int(self.num_epochs * steps_per_epoch))
 
   def eval_every_steps(self, steps_per_epoch: int) -> int:
     return max(1, int(round(self.eval_every_epochs * steps_per_epoch)))
+
+
+def read(config) -> Tuple[ModelSpec, OptimizerSpec, LoopSpec]:
+  """Every spec of `config` (each checks its fields): the config, read once."""
+  return ModelSpec.from_config(config), OptimizerSpec.from_config(config), LoopSpec.from_config(config)

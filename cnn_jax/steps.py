@@ -22,16 +22,32 @@ from cnn_jax.specs import OptimizerSpec
 
 
 class TrainState(train_state.TrainState):
-  """Params, optimiser state, step (from flax), plus BatchNorm statistics and the base RNG key."""
+  """Params, optimiser state, step (from flax), plus BatchNorm statistics, the base RNG key and, when the
+  recipe averages weights, their exponential moving average `ema` ({'params', 'batch_stats'}; evaluated
+  instead of the raw weights)."""
   batch_stats: Any = None
   rng: jax.Array = None
+  ema: Any = None
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The averaging decay after `step` steps: min(decay, (1 + step) / (10 + step)), so the average forgets the
+  random initialisation within the first steps (TensorFlow's ExponentialMovingAverage with num_updates)."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema, variables, decay: jax.Array):
+  """ema <- decay * ema + (1 - decay) * variables, leaf by leaf (optax.incremental_update)."""
+  return optax.incremental_update(variables, ema, step_size=1.0 - decay)
 
 
 def learning_rate_schedule(opt: OptimizerSpec, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """LR per step: linear scaling with the global batch (the base LR is for batch 128), then the schedule.
 
   cosine:   linear warmup over `warmup_epochs`, cosine decay to 0 at `total_steps`.
-  linear:   linear warmup, then linear decay to 0 at `total_steps`.
+  linear:   linear warmup, then linear decay to 0 at `total_steps` (warmup 0: from the peak at once).
+  onecycle: optax's cosine one-cycle: from peak/25 up to the peak over the warmup, then down to peak/25e4.
   step:     (warmup, then) the base LR times `step_factor` at each of `step_epochs` (the AlexNet/VGG recipe).
   constant: the base LR.
   """
@@ -47,6 +63,8 @@ def learning_rate_schedule(opt: OptimizerSpec, steps_per_epoch: int, total_steps
     return optax.join_schedules(
         [optax.linear_schedule(0.0, base_lr, warmup),
          optax.linear_schedule(base_lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+  if sched.name == "onecycle":
+    return optax.cosine_onecycle_schedule(max(total_steps, 2), base_lr, pct_start=max(warmup, 1) / max(total_steps, 2))
   if sched.name == "step":
     boundaries = {int(e * steps_per_epoch): sched.step_factor for e in sched.step_epochs}
     main = optax.piecewise_constant_schedule(base_lr, boundaries)
@@ -78,18 +96,28 @@ def make_optimizer(opt: OptimizerSpec, schedule: optax.Schedule) -> optax.Gradie
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: Tuple[int, ...]) -> TrainState:
-  """Initialises parameters (and BatchNorm statistics) for inputs of shape [1, *image_shape]."""
+                       image_shape: Tuple[int, ...], ema: bool = False) -> TrainState:
+  """Initialises parameters (and BatchNorm statistics) for inputs of shape [1, *image_shape]; with `ema`,
+  their moving average starts at the initial weights."""
   init_rng, params_rng, dropout_rng, state_rng = jax.random.split(rng, 4)
   del init_rng
   variables = model.init({"params": params_rng, "dropout": dropout_rng},
                          jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
   state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                            batch_stats=variables.get("batch_stats"), rng=state_rng)
+                            batch_stats=variables.get("batch_stats"), rng=state_rng,
+                            ema=_averaged(variables) if ema else None)
   # flax starts `step` at the Python int 0, a weakly typed int32 under jit; a restored checkpoint's step is a
   # plain int32. Typed alike, a fresh run and a resumed one trace the very same train step, so a restart
   # loads the executable the first launch put in a persistent compilation cache instead of recompiling.
   return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def _averaged(variables) -> Dict[str, Any]:
+  """What the weight average covers: the parameters and the BatchNorm statistics."""
+  out = {"params": variables["params"]}
+  if variables.get("batch_stats") is not None:
+    out["batch_stats"] = variables["batch_stats"]
+  return out
 
 
 def init_compiler_options() -> Dict[str, Any]:
@@ -104,10 +132,10 @@ def init_compiler_options() -> Dict[str, Any]:
 
 
 def jit_init(model: nn.Module, tx: optax.GradientTransformation, image_shape: Tuple[int, ...],
-             **jit_kwargs) -> Callable[[jax.Array], TrainState]:
+             ema: bool = False, **jit_kwargs) -> Callable[[jax.Array], TrainState]:
   """`rng -> TrainState`: `create_train_state` jitted with `init_compiler_options()` (and `jit_kwargs`, e.g.
   out_shardings)."""
-  return jax.jit(functools.partial(create_train_state, model, tx, image_shape=tuple(image_shape)),
+  return jax.jit(functools.partial(create_train_state, model, tx, image_shape=tuple(image_shape), ema=ema),
                  compiler_options=init_compiler_options(), **jit_kwargs)
 
 
@@ -162,12 +190,13 @@ def layers(tree) -> Dict[str, Dict[str, Any]]:
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, label_smoothing: float = 0.0,
-               schedule: Callable = None,
-               log_layer_grad_norms: bool = False) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               schedule: Callable = None, log_layer_grad_norms: bool = False,
+               ema_decay: float = 0.0) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One SGD step on a global batch {'image': [B,H,W,C], 'label': [B]}; returns (state, metrics).
 
   With `log_layer_grad_norms`, metrics also hold 'grad_norm/<layer>' for every layer (see
-  layer_grad_norms): the vanishing-gradient diagnostic of the activation ablation.
+  layer_grad_norms): the vanishing-gradient diagnostic of the activation ablation. With a state that
+  averages its weights, the average moves towards the new weights with `ema_decay` (see ema_decay_at).
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   has_bn = state.batch_stats is not None
@@ -187,6 +216,10 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, label_smoothin
   new_state = state.apply_gradients(grads=grads)
   if has_bn:
     new_state = new_state.replace(batch_stats=new_vars["batch_stats"])
+  if state.ema is not None:
+    new_state = new_state.replace(ema=update_ema(
+        state.ema, _averaged({"params": new_state.params, "batch_stats": new_state.batch_stats}),
+        ema_decay_at(state.step, ema_decay)))
   metrics = {
       "loss": loss,
       "top1": jnp.mean(_topk_correct(logits, batch["label"], 1)),
@@ -200,20 +233,23 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, label_smoothin
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
-  """Sums over the real (mask=True) examples of one eval batch.
+def eval_step(state: TrainState, batch: Dict[str, jax.Array], flip: bool = False) -> Dict[str, jax.Array]:
+  """Sums over the real (mask=True) examples of one eval batch, on the averaged weights when the state has them.
 
   batch: {'image': [B,H,W,C] or [B,n_crops,H,W,C] (logits are averaged over crops), 'label': [B],
-  'mask': [B] bool}. Returns {'loss', 'top1', 'top5', 'count'} as float32 sums.
+  'mask': [B] bool}. `flip`: average the logits of each image and its mirror image (test-time augmentation;
+  ten crops hold their mirror images already). Returns {'loss', 'top1', 'top5', 'count'} as float32 sums.
   """
-  variables = {"params": state.params}
-  if state.batch_stats is not None:
-    variables["batch_stats"] = state.batch_stats
+  variables = state.ema if state.ema is not None else _averaged(
+      {"params": state.params, "batch_stats": state.batch_stats})
   images = batch["image"]
   if images.ndim == 5:
     b, n = images.shape[:2]
     logits = state.apply_fn(variables, images.reshape((b * n,) + images.shape[2:]), train=False)
     logits = logits.reshape(b, n, -1).mean(axis=1)
+  elif flip:  # two passes rather than one over a doubled batch: no resharding of a batch split on `data`
+    logits = (state.apply_fn(variables, images, train=False)
+              + state.apply_fn(variables, images[:, :, ::-1], train=False)) / 2
   else:
     logits = state.apply_fn(variables, images, train=False)
   mask = batch["mask"].astype(jnp.float32)

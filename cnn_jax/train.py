@@ -39,6 +39,7 @@ from cnn_jax.data import inputs as inputs_lib
 from cnn_jax.models import summary as model_summary
 from cnn_jax import run_record
 from cnn_jax.run_record import RunRecord
+from cnn_jax import specs
 from cnn_jax.specs import LoopSpec, ModelSpec, OptimizerSpec
 
 NonFiniteError = hooks_lib.NonFiniteError
@@ -107,6 +108,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   BatchNorm statistics are computed over the GLOBAL batch (all devices of all processes): the step is one
   jit over a batch sharded on the `data` mesh axis, so a run's numbers do not depend on the device count.
   """
+  config = config.copy_and_resolve_references()
+  specs.read(config)  # a field out of range is one line before anything is written
   workdir_lib.prepare(workdir)
   # Before the (possibly long) set-up: a signal then ends the process cleanly (command line) or the run
   # before its first step (in-process); see cnn_jax.signals.
@@ -135,7 +138,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, stop: signals.StopRe
   if not config.cache_dir:
     config.cache_dir = workdir  # dataset statistics (PCA lighting, mean/std) are cached with the run
   # Every spec first: a typo or an impossible value is reported before any data is touched.
-  model_spec, opt, loop = ModelSpec.from_config(config), OptimizerSpec.from_config(config), LoopSpec.from_config(config)
+  model_spec, opt, loop = specs.read(config)
   mesh = shd.make_mesh()
   console.say(console.backend_line())
   shd.check_batch_size(loop.batch_size, mesh)
@@ -151,7 +154,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, stop: signals.StopRe
   schedule = steps_lib.learning_rate_schedule(opt, steps_per_epoch, total_steps)
   tx = steps_lib.make_optimizer(opt, schedule)
   console.say(f"initialising {config.model} ({config.image_size} px, {inp.info.num_classes} classes)")
-  init_fn = steps_lib.jit_init(model, tx, (config.image_size, config.image_size, 3),
+  init_fn = steps_lib.jit_init(model, tx, (config.image_size, config.image_size, 3), ema=opt.ema_decay > 0,
                                out_shardings=shd.replicated(mesh))
   state = init_fn(jax.random.PRNGKey(loop.seed))
   inference = predict_lib.inference_record(config, inp.info, inp.channels, inp.mean_std)
@@ -161,7 +164,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, stop: signals.StopRe
             state=state, start_step=0, meta=None, manager=manager, record=record,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, t_start=t_start)
   run.step_fn = functools.partial(steps_lib.train_step, label_smoothing=opt.label_smoothing, schedule=schedule,
-                                  log_layer_grad_norms=loop.log_grad_norms)
+                                  log_layer_grad_norms=loop.log_grad_norms, ema_decay=opt.ema_decay)
   restore(run)
   return run
 
@@ -197,8 +200,8 @@ def compile_programs(run: Run) -> None:
   # On the CPU, ops.compiler_options() turns off XLA's YNNPACK convolutions (see cnn_jax/ops); elsewhere {}.
   jitted = steps_lib.jit_train_step(run.step_fn, run.inp, run.mesh, ops.compiler_options())
   run.train = jitted.lower(run.state, run.inp.train_spec()).compile()
-  run.eval_program = steps_lib.jit_eval_step(steps_lib.eval_step, run.inp, run.mesh,
-                                             compiler_options=ops.compiler_options())
+  eval_fn = functools.partial(steps_lib.eval_step, flip=run.loop.eval_flip)
+  run.eval_program = steps_lib.jit_eval_step(eval_fn, run.inp, run.mesh, compiler_options=ops.compiler_options())
   console.say(f"compiled in {time.time() - t_compile:.1f}s")
   # FLOPs of the network's step (on accelerators also counted on the host CPU: cuDNN convs count 0 there).
   batch_spec = (None if jax.default_backend() == "cpu"

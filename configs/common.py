@@ -122,6 +122,7 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None):
   config.deterministic = True     # order-preserving tf.data maps: identical batches from one seed.
   config.eval_crop = "center"     # center | ten_crop
   config.eval_resize_ratio = 1.0  # eval: resize shorter side to ratio * image_size, then centre crop.
+  config.eval_flip = False        # test-time augmentation: average the logits of each image and its mirror
 
   # --- Optimiser: SGD with momentum, as in the papers ---------------------------------------
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -133,9 +134,10 @@ def get_config(arg=None, *, model="nin", native_res=224, model_kwargs=None):
       decay_biases=False,           # weight decay on kernels only (BatchNorm scales/biases excluded).
       grad_clip_norm=0.0,           # 0 = off
       label_smoothing=0.0,
+      ema_decay=0.0,                # > 0: evaluate an exponential moving average of the weights (0 = off)
   ))
   config.schedule = ml_collections.ConfigDict(dict(
-      name="cosine",                # cosine (with warmup) | step (divide by 10 at given epochs) | constant
+      name="cosine",                # cosine | linear (warmup, then linear to 0) | onecycle | step | constant
       warmup_epochs=1.0,
       step_epochs=(),               # step: epochs at which the LR drops
       step_factor=0.1,

@@ -121,11 +121,12 @@ def test_device_holdout_holds_out_the_files_the_host_pipeline_does(tmp_path):
 
 @pytest.mark.heavy
 def test_predict_on_the_eval_files_gives_the_runs_eval_top1(tmp_path):
-  """A short device-input run on a 32 px folder (cached at 32 px), then predict.py's Predictor on every test
-  file: the same top-1 as the run's own final eval, exactly."""
+  """A short device-input run on a 32 px folder (cached at 32 px), weight averaging and flip averaging on, then
+  predict.py's Predictor on every test file: the same top-1 as the run's own final eval, exactly."""
   from cnn_jax import predict  # pylint: disable=g-import-not-at-top
   root = _uniform_folder(tmp_path / "f", per_class=(("train", 64), ("test", 30)))
-  config = _config(root, tmp_path, num_train_steps=24, **{"augment.pad": 4, "augment.flip": True})
+  config = _config(root, tmp_path, num_train_steps=24, eval_flip=True,
+                   **{"augment.pad": 4, "augment.flip": True, "optimizer.ema_decay": 0.9})
   config.normalize = "auto"
   workdir = str(tmp_path / "run")
   summary = train.train_and_evaluate(config, workdir)

@@ -60,7 +60,8 @@ def test_prediction_needs_nothing_but_the_run_folder(gray_run, tmp_path, monkeyp
   _dataset_moved(wd)
   info = json.load(open(os.path.join(wd, "run_info.json")))
   assert info["channels"] == 1 and info["class_names"][9] == "Ankle boot"
-  assert info["eval_preprocess"] == {"eval_crop": "center", "eval_resize_ratio": 1.0, "image_size": 32}
+  assert info["eval_preprocess"] == {"eval_crop": "center", "eval_resize_ratio": 1.0, "image_size": 32,
+                                     "eval_flip": False}
   assert np.allclose(info["mean_std"], [[0.2860] * 3, [0.3530] * 3])
   from cnn_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
