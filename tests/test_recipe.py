@@ -130,3 +130,17 @@ def test_recipe_fields_out_of_range_are_one_line_and_write_nothing(flag, expect,
   assert proc.returncode == cli.EXIT_USER_ERROR and len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
+
+
+def test_the_recipe_sweep_varies_one_part_of_the_recipe_for_every_family_at_once():
+  from cnn_jax.compare import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  sweep = sweep_lib.load_sweep("configs/sweeps/recipe.py:stage=schedule,epochs=2,lr=0.1,"
+                               "optimizer.nesterov=True,dataset=folder:/data/x")
+  assert sweep.varies == ("model", "schedule.name")  # the family and the studied part, nothing else
+  assert len(sweep.runs) == 9 and {r.overrides["model"] for r in sweep.runs} == {"alexnet", "vgg11", "nin"}
+  config = sweep_lib.run_config(sweep, sweep.runs[0])
+  assert config.optimizer.nesterov and config.optimizer.learning_rate == 0.1 and config.num_epochs == 2
+  assert config.dataset == "folder:/data/x" and config.model_kwargs.width == 0.25
+  assert config.model_kwargs.geometry == "small"
+  lrs = sweep_lib.load_sweep("configs/sweeps/recipe.py:stage=lr,values=0.05+0.1,models=nin")
+  assert [r.overrides["optimizer.learning_rate"] for r in lrs.runs] == [0.05, 0.1]
