@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -393,15 +394,14 @@ def check(config, target, *, search: Sequence[str] = ("train",), batch_step: Opt
                            result.compile_s, flops, flops_source, result.refused, describe=program.describe)
     if result.compiled is not None:
       text = result.compiled.as_text()
+      report.collectives = hlo.collectives(text)
       if target.is_gpu:
         report.gpu = hlo.gpu_kernels(text)
-      else:
-        report.collectives = hlo.collectives(text)
-        if flops is None:  # TPU counts convolutions itself; a module's analysis is one device's share
-          analysis = result.compiled.cost_analysis() or {}
-          analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-          if analysis.get("flops", 0) > 0:
-            report.flops, report.flops_source = float(analysis["flops"]) * n_dev, "XLA:TPU cost analysis"
+      elif flops is None:  # TPU counts convolutions itself; a module's analysis is one device's share
+        analysis = result.compiled.cost_analysis() or {}
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        if analysis.get("flops", 0) > 0:
+          report.flops, report.flops_source = float(analysis["flops"]) * n_dev, "XLA:TPU cost analysis"
     if keep_executables:
       report.compiled = result.compiled
     result.compiled = None
@@ -420,7 +420,9 @@ def check(config, target, *, search: Sequence[str] = ("train",), batch_step: Opt
 def _gib(n: Optional[float]) -> str:
   if n is None:
     return "-"
-  return f"{n / GIB:.2f} GiB" if n >= 0.01 * GIB else f"{n / 2**20:.1f} MiB"
+  if n >= 0.01 * GIB:
+    return f"{n / GIB:.2f} GiB"
+  return f"{n / 2**20:.1f} MiB" if n >= 0.1 * 2**20 or n == 0 else f"{n / 2**10:.1f} KiB"
 
 
 _CUDNN = {"__cudnn$convForward": "fwd", "__cudnn$convBiasActivationForward": "fwd+bias+act",
@@ -493,7 +495,7 @@ def format_table(report: Report) -> str:
         for p in progs])
     add("kernels launched", [f"{sum(p.gpu.kernels.values())} ({p.gpu.kernels.get('fusion', 0)} fusions)"
                              if p.gpu else "-" for p in progs])
-  else:
+  if t.is_tpu or report.devices > 1:
     add("collectives", [
         (", ".join(f"{n} {k} ({_gib(b)})" for k, (n, b) in sorted(p.collectives.by_kind.items())) or "none")
         if p.collectives else "-" for p in progs])
@@ -501,7 +503,7 @@ def format_table(report: Report) -> str:
   cols = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
   procs = f" in {report.processes} processes" if report.processes > 1 else ""
   head = (f"{report.model} ({report.image_size} px, {report.dtype}) on {report.dataset}, compiled for "
-          f"{t.name}: {report.devices} x {t.kind.split(', ')[0].removeprefix('1 x ')}{procs}, "
+          f"{t.name}: {report.devices} x {re.sub(r'^[0-9]+ x ', '', t.kind.split(', ')[0])}{procs}, "
           f"{t.memory_bytes / GIB:.1f} GiB each")
   lines = [head, progs[0].describe if progs else "", ""]
   lines.append(f"{'':<{width}}  " + "  ".join(f"{n:<{c}}" for n, c in zip(names, cols)))
