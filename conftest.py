@@ -1,5 +1,5 @@
-"""Test-session set-up that must happen before JAX initialises: 8 fake CPU devices, a temp array cache, a
-session-wide XLA compilation cache.
+"""Test-session set-up that must happen before JAX initialises: JAX on the CPU only, 8 fake CPU devices, a temp
+array cache, a session-wide XLA compilation cache.
 
 Every test then runs its jitted steps over a real 8-device mesh (the batch split on `data`), which is how
 sharding bugs show up on a laptop. CNN_JAX_TEST_DEVICES overrides the count.
@@ -11,6 +11,12 @@ import shutil
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The suite runs on the CPU. With requirements-compile.txt installed (CI installs it), JAX would otherwise also
+# try the CUDA plugin (a "cuDNN not found" traceback on every start without a GPU) and libtpu (warnings about
+# TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES) in this process and in every train.py it launches.
+# tests/test_compile_check.py compiles for GPUs and TPUs through compile-only devices, which need neither.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Array caches (the device input's decoded splits) of the whole session go to one temporary folder, never
 # beside a shared tfds data dir; train.py subprocesses inherit it.

@@ -143,7 +143,10 @@ def test_library_lines_come_back_with_verbosity():
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   cmd = [sys.executable, "-m", "cnn_jax.models.summary", "--model=lenet", "--image_size=28", "--num_classes=10"]
   quiet = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  loud = subprocess.run(cmd + ["--verbosity=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  # The suite's JAX_PLATFORMS=cpu (conftest.py) leaves JAX no backends to probe and so nothing to log; with it
+  # empty JAX tries them all, as in a shell without it, and logs the ones it could not start.
+  loud = subprocess.run(cmd + ["--verbosity=0"], cwd=REPO, env={**env, "JAX_PLATFORMS": ""}, capture_output=True,
+                        text=True, timeout=300)
   assert quiet.returncode == loud.returncode == 0
   assert not CHATTER.findall(quiet.stdout + quiet.stderr)
   assert re.search(r"^I\d{4} ", loud.stderr, re.M), loud.stderr[-2000:]  # JAX's backend INFO lines
