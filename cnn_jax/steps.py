@@ -18,7 +18,7 @@ from flax.training import train_state
 
 from cnn_jax import sharding as shd
 from cnn_jax.data import input_api
-from cnn_jax.specs import OptimizerSpec
+from cnn_jax.specs import LoopSpec, OptimizerSpec
 
 
 class TrainState(train_state.TrainState):
@@ -260,6 +260,14 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], flip: bool = False
       "top5": jnp.sum(_topk_correct(logits, labels, 5) * mask),
       "count": jnp.sum(mask),
   }
+
+
+def recipe_steps(opt: OptimizerSpec, loop: LoopSpec, schedule: optax.Schedule) -> Tuple[Callable, Callable]:
+  """(train_step, eval_step) with the recipe's loss, schedule, weight average and test-time flip bound: the two
+  pure functions a run jits (cnn_jax.train, and cnn_jax.compile_check for an accelerator)."""
+  train = functools.partial(train_step, label_smoothing=opt.label_smoothing, schedule=schedule,
+                            log_layer_grad_norms=loop.log_grad_norms, ema_decay=opt.ema_decay)
+  return train, functools.partial(eval_step, flip=loop.eval_flip)
 
 
 # --- Compiled over the mesh: the one place the train and eval programs are jitted ------------------

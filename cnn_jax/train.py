@@ -10,7 +10,6 @@ checkpoints, metrics files) happens here and in the hooks.
 """
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -73,6 +72,7 @@ class Run:
   steps_per_epoch: int
   total_steps: int
   step_fn: Any = None          # the pure train step with the recipe's loss and schedule bound
+  eval_fn: Any = None          # the pure eval step (test-time flips or not)
   train: Any = None            # the compiled train step: (state, inp.train_args(step)) -> (state, metrics)
   eval_program: Any = None     # the jitted eval step: (state, eval args) -> sums
   step_flops: float = 0.0
@@ -163,8 +163,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, stop: signals.StopRe
   run = Run(config=config, workdir=workdir, stop=stop, loop=loop, opt=opt, mesh=mesh, inp=inp, model=model,
             state=state, start_step=0, meta=None, manager=manager, record=record,
             steps_per_epoch=steps_per_epoch, total_steps=total_steps, t_start=t_start)
-  run.step_fn = functools.partial(steps_lib.train_step, label_smoothing=opt.label_smoothing, schedule=schedule,
-                                  log_layer_grad_norms=loop.log_grad_norms, ema_decay=opt.ema_decay)
+  run.step_fn, run.eval_fn = steps_lib.recipe_steps(opt, loop, schedule)
   restore(run)
   return run
 
@@ -200,8 +199,7 @@ def compile_programs(run: Run) -> None:
   # On the CPU, ops.compiler_options() turns off XLA's YNNPACK convolutions (see cnn_jax/ops); elsewhere {}.
   jitted = steps_lib.jit_train_step(run.step_fn, run.inp, run.mesh, ops.compiler_options())
   run.train = jitted.lower(run.state, run.inp.train_spec()).compile()
-  eval_fn = functools.partial(steps_lib.eval_step, flip=run.loop.eval_flip)
-  run.eval_program = steps_lib.jit_eval_step(eval_fn, run.inp, run.mesh, compiler_options=ops.compiler_options())
+  run.eval_program = steps_lib.jit_eval_step(run.eval_fn, run.inp, run.mesh, compiler_options=ops.compiler_options())
   console.say(f"compiled in {time.time() - t_compile:.1f}s")
   # FLOPs of the network's step (on accelerators also counted on the host CPU: cuDNN convs count 0 there).
   batch_spec = (None if jax.default_backend() == "cpu"

@@ -275,4 +275,5 @@ def test_run_on_eight_devices_matches_one_device(fashion_mnist_dir, fashion_mnis
   assert _relative_distance(a["params"], b["params"]) < 1e-3
   assert _relative_distance(a["batch_stats"], b["batch_stats"]) < 2e-3
   assert abs(s1["final_loss"] - s8["final_loss"]) < 1e-3
-  assert abs(s1["final_top1"] - s8["final_top1"]) <= 2 / 500
+  # At most 2 of the 500 eval images flip, counted in images: 0.14 - 0.136 is 0.0040000000000000036 in floats.
+  assert abs(round(s1["final_top1"] * 500) - round(s8["final_top1"] * 500)) <= 2

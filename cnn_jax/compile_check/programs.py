@@ -21,9 +21,9 @@ The builder hook (what compile_check takes, and what a trainer that owns its jit
   Program.describe  one line for the report ("device input: ...")
 
 Nothing is run and no data is read: shapes come from the array cache's metadata when it exists, else from a
-small table of known datasets (`KNOWN_DATASETS`). `build` below mirrors what cnn_jax/train.py compiles today
-(train.py -> inputs.create -> DeviceInput/HostInput .train_step / .evaluate); it is the one piece to replace
-when the trainer exposes its own builder.
+small table of known datasets (`KNOWN_DATASETS`). `build` below compiles with the trainer's own pieces
+(cnn_jax.specs, cnn_jax.steps.recipe_steps / jit_train_step / jit_eval_step, the device input's DeviceBatcher):
+an input with its data left out (`AbstractInput`) stands in for the run's.
 
 The caller traces (lowers) the programs under `cnn_jax.ops.impl("xla")`: on this CPU, JAX's default backend is
 the CPU, and 'auto' would otherwise trace the CPU-tuned kernels into a GPU or TPU program.
@@ -37,20 +37,20 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from cnn_jax import models
 from cnn_jax import sharding as shd
+from cnn_jax import specs
 from cnn_jax import steps as steps_lib
 from cnn_jax.data import arrays
-from cnn_jax.data import augment_jax
+from cnn_jax.data import device_input
+from cnn_jax.data import input_api
 from cnn_jax.data import stats as stats_lib
-from cnn_jax.data.augment_spec import (IMAGENET_EIGVALS, IMAGENET_EIGVECS, AugmentSettings,
-                                       check_eval_settings)
+from cnn_jax.data.augment_spec import IMAGENET_EIGVALS, IMAGENET_EIGVECS, AugmentSettings
 from cnn_jax.data.info import FOLDER_PREFIX, base_name_of, resolve_splits
-from cnn_jax.data.inputs import DEFAULT_MEMORY_SHARE, MODES
+from cnn_jax.data.inputs import MODES
 from cnn_jax.errors import UserError
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -141,7 +141,7 @@ def _process_rows(spec: str, sizes: Dict[str, int], drop_remainder: bool, n_proc
 def _roles(config) -> Dict[str, str]:
   train_split, eval_split = resolve_splits(config)
   roles = {"train": train_split, "eval": eval_split}
-  if config.get("eval_train_split"):
+  if config.eval_train_split:
     roles["train_eval"] = config.eval_train_split
   return roles
 
@@ -149,17 +149,13 @@ def _roles(config) -> Dict[str, str]:
 def _input_mode(config, shape: DatasetShape, roles, n_proc: int, device_memory_bytes: Optional[int]) -> str:
   """config.input resolved as inputs.create resolves it: 'auto' = device when the resident splits fit
   input_memory_share of one device's memory."""
-  mode = config.get("input", "auto") or "auto"
+  mode = config.input
   if mode not in MODES:
     raise UserError(f"--config.input={mode!r} is not one of {list(MODES)}")
-  if str(config.get("eval_split") or "").startswith("holdout:"):
-    if mode == "device":
-      raise UserError("--config.eval_split=holdout:... is drawn by the host pipeline; use --config.input=host")
-    return "host"
   if mode != "auto":
     return mode
   need = resident_bytes_per_device(shape, roles, n_proc)
-  share = float(config.get("input_memory_share", DEFAULT_MEMORY_SHARE))
+  share = float(config.input_memory_share)
   return "device" if device_memory_bytes is None or need <= share * device_memory_bytes else "host"
 
 
@@ -176,150 +172,121 @@ def resident_bytes_per_device(shape: DatasetShape, roles: Dict[str, str], n_proc
   return total
 
 
-def _spec(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+class AbstractInput(input_api.Input):
+  """An input of `mode` with its data left out: the specs and batch functions a run's input gives the jit
+  (host: input_api's host batch specs, make_batch the identity; device: the run's own DeviceBatcher over
+  resident arrays of the dataset's shape), for compiling without data."""
+
+  def __init__(self, config, mesh, mode: str, shape: DatasetShape, roles, batcher=None, rows=None):
+    self.mode, self._config, self._mesh, self._shape = mode, config, mesh, shape
+    self._batcher, self._rows = batcher, rows or {}
+    self._eval_split = roles["eval"]
+
+  def train_spec(self):
+    if self.mode == "host":
+      return input_api.host_train_spec(self._config, self._mesh)
+    return self._batcher.train_spec(self._rows["train"], self._shape.image_shape)
+
+  def eval_spec(self, split=None):
+    if self.mode == "host":
+      return input_api.host_eval_spec(self._config, self._mesh)
+    return self._batcher.eval_spec(self._rows[split or "eval"], self._shape.image_shape)
+
+  def make_batch(self, args, step):
+    return args if self.mode == "host" else self._batcher.make_batch(args, step)
+
+  def make_eval_batch(self, args):
+    return args if self.mode == "host" else self._batcher.make_eval_batch(args)
+
+  def train_args(self, step):
+    raise NotImplementedError("an abstract input holds no data")
+
+  def eval_args(self, split=None):
+    raise NotImplementedError("an abstract input holds no data")
+
+  def describe(self):
+    return self.mode
+
+
+def _device_batcher(config, mesh, model_spec, shape: DatasetShape, steps_per_epoch: int):
+  """The run's DeviceBatcher (device_input.py) for this dataset, with normalisation constants that need no
+  data (their values do not change the program) and ImageNet's PCA-lighting eigen decomposition."""
+  base = base_name_of(str(config.dataset))
+  eigen = (np.asarray(IMAGENET_EIGVALS, np.float32), np.asarray(IMAGENET_EIGVECS, np.float32))
+  return device_input.DeviceBatcher(
+      mesh, batch_size=int(config.batch_size), eval_batch_size=int(config.eval_batch_size),
+      image_size=int(config.image_size), steps_per_epoch=steps_per_epoch,
+      settings=AugmentSettings.from_config(config.augment), eval_crop=config.eval_crop,
+      eval_resize_ratio=float(config.eval_resize_ratio), mean_std=_mean_std(config, base), eigen=eigen,
+      dtype=model_spec.compute_dtype)
 
 
 def build(config, mesh: Mesh, *, device_memory_bytes: Optional[int] = None) -> Dict[str, Program]:
-  """The train and eval programs train.py compiles for `config` on `mesh` (the module docstring's hook).
+  """The train and eval programs cnn_jax.train compiles for `config` on `mesh` (the module docstring's hook).
 
-  Mirrors cnn_jax/train.py: the model of train.build_model, the optimiser and schedule of cnn_jax.steps, the
-  state of create_train_state (by jax.eval_shape), and the input of config.input: device input (the uint8
-  splits resident on every device, gathered and augmented inside the jitted step: device_input.DeviceInput
-  .train_step / ._eval_jit) or host input (float32 batches put on the mesh: host_input.HostInput).
+  The trainer's own pieces: the specs (cnn_jax.specs), the model, optimiser, schedule and recipe steps
+  (cnn_jax.steps), the state by jax.eval_shape of create_train_state, the input of config.input (the device
+  input's DeviceBatcher, or the host input's batch specs), and steps.jit_train_step / jit_eval_step.
   """
-  from cnn_jax import models  # pylint: disable=g-import-not-at-top
-  from cnn_jax.train import build_model  # pylint: disable=g-import-not-at-top
-
   config = config.copy_and_resolve_references()
+  model_spec, opt, loop = specs.read(config)
   devices = list(mesh.devices.flat)
-  n_dev = len(devices)
-  n_proc = len({d.process_index for d in devices})
-  batch = int(config.batch_size)
-  eval_batch = int(config.eval_batch_size)
-  for field, value in (("batch_size", batch), ("eval_batch_size", eval_batch)):
-    if value <= 0 or value % n_dev or value % n_proc:
+  n_dev, n_proc = len(devices), len({d.process_index for d in devices})
+  for field, value in (("batch_size", loop.batch_size), ("eval_batch_size", loop.eval_batch_size)):
+    if value % n_dev or value % n_proc:
       raise UserError(f"--config.{field}={value} must be a positive multiple of the {n_dev} devices"
                       + (f" and {n_proc} processes" if n_proc > 1 else ""))
-  models.check_input_size(config.model, config.image_size, **config.model_kwargs.to_dict())
-  size = int(config.image_size)
-  dtype = _DTYPES.get(config.get("dtype", "float32"))
-  if dtype is None:
-    raise UserError(f"--config.dtype={config.dtype!r} is not one of {sorted(_DTYPES)}")
-
+  models.check_input_size(model_spec.name, model_spec.image_size, **model_spec.kwargs)
   roles = _roles(config)
   shape = dataset_shape(config, roles)
   mode = _input_mode(config, shape, roles, n_proc, device_memory_bytes)
-  train_rows, train_count = _process_rows(roles["train"], shape.sizes, True, n_proc)
-  steps_per_epoch = train_count // (batch // n_proc)
+  rows = {role: _process_rows(spec, shape.sizes, role == "train", n_proc)[0] for role, spec in roles.items()}
+  steps_per_epoch = rows["train"] // (loop.batch_size // n_proc)
   if steps_per_epoch == 0:
-    raise UserError(f"a process's part of the train split has {train_count} examples, fewer than one batch "
-                    f"of {batch // n_proc}; lower the batch")
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else max(1, int(config.num_epochs * steps_per_epoch)))
-
-  model = build_model(config, shape.num_classes)
-  schedule = steps_lib.learning_rate_schedule(config, steps_per_epoch, total_steps)
-  tx = steps_lib.make_optimizer(config, schedule)
-  state_shape = jax.eval_shape(
-      functools.partial(steps_lib.create_train_state, model, tx, image_shape=(size, size, 3)),
+    raise UserError(f"a process's part of the train split has {rows['train']} examples, fewer than one batch "
+                    f"of {loop.batch_size // n_proc}; lower the batch")
+  total_steps = loop.total_steps(steps_per_epoch)
+  model = models.get_model(model_spec.name, shape.num_classes, dtype=model_spec.compute_dtype, **model_spec.kwargs)
+  schedule = steps_lib.learning_rate_schedule(opt, steps_per_epoch, total_steps)
+  tx = steps_lib.make_optimizer(opt, schedule)
+  size = model_spec.image_size
+  state_shape = jax.eval_shape(functools.partial(
+      steps_lib.create_train_state, model, tx, image_shape=(size, size, 3), ema=opt.ema_decay > 0),
       jax.ShapeDtypeStruct((2,), jnp.uint32))
-  replicated = shd.replicated(mesh)
-  data = NamedSharding(mesh, P(shd.DATA_AXIS))
-  state = jax.tree.map(lambda x: _spec(x.shape, x.dtype, replicated), state_shape)
-  step_fn = functools.partial(steps_lib.train_step, label_smoothing=config.optimizer.label_smoothing,
-                              schedule=schedule, log_layer_grad_norms=bool(config.get("log_grad_norms", False)))
-  eval_fn = steps_lib.eval_step
-  eval_crop = config.get("eval_crop", "center")
-  eval_ratio = float(config.get("eval_resize_ratio", 1.0))
-  check_eval_settings(eval_crop, eval_ratio)
-  crops = (10,) if eval_crop == "ten_crop" else ()
-  max_batch = train_count * n_proc  # one batch per epoch at most (each process draws from its own part)
-  _, eval_count = _process_rows(roles["eval"], shape.sizes, False, n_proc)
-  max_eval_batch = eval_count * n_proc  # the whole eval split in one batch
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.replicated(mesh)),
+                       state_shape)
+  step_fn, eval_fn = steps_lib.recipe_steps(opt, loop, schedule)
+  batcher = _device_batcher(config, mesh, model_spec, shape, steps_per_epoch) if mode == "device" else None
+  inp = AbstractInput(config, mesh, mode, shape, roles, batcher, rows)
+  train = steps_lib.jit_train_step(step_fn, inp, mesh)
+  evaluate = steps_lib.jit_eval_step(eval_fn, inp, mesh)
+  train_args, eval_args = (state, inp.train_spec()), (state, inp.eval_spec())
+  # The network's own steps (FLOPs counted on the host, as train.py counts them): the batch make_batch makes.
+  train_net = _unsharded(jax.eval_shape(inp.make_batch, inp.train_spec(), state_shape.step))
+  eval_net = _unsharded(jax.eval_shape(inp.make_eval_batch, inp.eval_spec()))
+  max_batch = rows["train"] * n_proc  # one batch per epoch at most (each process draws from its own part)
+  max_eval_batch = _process_rows(roles["eval"], shape.sizes, False, n_proc)[1] * n_proc
   h, w, c = shape.image_shape
-  what = (f"{config.dataset} {h}x{w}x{c} ({shape.source}), "
-          f"{n_dev} device{'s' if n_dev > 1 else ''}" + (f" in {n_proc} processes" if n_proc > 1 else ""))
-
+  what = (f"{config.dataset} {h}x{w}x{c} ({shape.source}), {n_dev} device{'s' if n_dev > 1 else ''}"
+          + (f" in {n_proc} processes" if n_proc > 1 else ""))
   if mode == "host":
-    batch_images = lambda b, dt, extra=(): _spec((b,) + extra + (size, size, 3), dt, data)
-    train_batch = {"image": batch_images(batch, jnp.float32), "label": _spec((batch,), jnp.int32, data)}
-    eval_batch_spec = {"image": batch_images(eval_batch, jnp.float32, crops),
-                       "label": _spec((eval_batch,), jnp.int32, data), "mask": _spec((eval_batch,), jnp.bool_, data)}
-    train = jax.jit(step_fn, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                    donate_argnums=(0,))
-    evaluate = jax.jit(eval_fn, in_shardings=(replicated, data), out_shardings=replicated)
-    describe = f"host input (tf.data batches put on the mesh), {what}"
-    return {
-        "train": Program(train, (state, train_batch), batch, max_batch,
-                         (jax.jit(step_fn), (state_shape, _unsharded(train_batch))), 0, describe),
-        "eval": Program(evaluate, (state, eval_batch_spec), eval_batch, max_eval_batch,
-                        (jax.jit(eval_fn), (state_shape, _unsharded(eval_batch_spec))), 0, describe),
-    }
-
-  # Device input: device_input.DeviceInput with the data left out.
-  base = base_name_of(str(config.dataset))
-  settings = AugmentSettings.from_config(config.get("augment"))
-  mean_std = _mean_std(config, base)
-  # PCA lighting's eigen decomposition: ImageNet's for ImageNet-like data (as the run), else a stand-in of the
-  # same shapes for the train split's own (which needs the data).
-  eigen = (np.asarray(IMAGENET_EIGVALS, np.float32), np.asarray(IMAGENET_EIGVECS, np.float32))
-  per_device = batch // n_dev
-
-  def train_local(images, labels, idx, key):  # DeviceInput._gather
-    batch_images, batch_labels = images[0][idx], labels[0][idx]
-    position = jax.lax.axis_index(shd.DATA_AXIS) * per_device + jnp.arange(per_device)
-    keys = jax.vmap(lambda p: jax.random.fold_in(key, p))(position)
-    return augment_jax.train_batch(batch_images, keys, settings, size, eigen, mean_std, dtype), batch_labels
-
-  spec = P(shd.DATA_AXIS)
-  gather = jax.shard_map(train_local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, spec))
-
-  def device_step(state, images, labels, perm, augment_key):  # DeviceInput._batch_fn + .train_step
-    step = state.step
-    batch_images, batch_labels = gather(images, labels, perm[step % steps_per_epoch],
-                                        jax.random.fold_in(augment_key, step))
-    return step_fn(state, {"image": batch_images, "label": batch_labels})
-
-  def eval_local(images, labels, idx):  # DeviceInput._eval_jit
-    return augment_jax.eval_batch(images[0][idx], eval_crop, eval_ratio, size, mean_std, dtype), labels[0][idx]
-
-  eval_gather = jax.shard_map(eval_local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec))
-
-  def device_eval(state, images, labels, idx, mask):
-    batch_images, batch_labels = eval_gather(images, labels, idx)
-    return eval_fn(state, {"image": batch_images, "label": batch_labels, "mask": mask})
-
-  perm_sharding = NamedSharding(mesh, P(None, shd.DATA_AXIS))
-  eval_rows, _ = _process_rows(roles["eval"], shape.sizes, False, n_proc)
-  resident = lambda rows: (_spec((n_dev, rows) + shape.image_shape, jnp.uint8, data),
-                           _spec((n_dev, rows), jnp.int32, data))
-  train_args = (state, *resident(train_rows), _spec((steps_per_epoch, batch), jnp.int32, perm_sharding),
-                _spec((2,), jnp.uint32, replicated))
-  eval_args = (state, *resident(eval_rows), _spec((eval_batch,), jnp.int32, data),
-               _spec((eval_batch,), jnp.bool_, data))
-  train = jax.jit(device_step, in_shardings=(replicated, data, data, perm_sharding, replicated),
-                  out_shardings=(replicated, replicated), donate_argnums=(0,))
-  evaluate = jax.jit(device_eval, in_shardings=(replicated, data, data, data, data), out_shardings=replicated)
-  train_net = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), dtype),
-               "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  eval_net = {"image": jax.ShapeDtypeStruct((eval_batch,) + crops + (size, size, 3), dtype),
-              "label": jax.ShapeDtypeStruct((eval_batch,), jnp.int32),
-              "mask": jax.ShapeDtypeStruct((eval_batch,), jnp.bool_)}
-  describe = (f"device input (uint8 splits resident on every device, augmentation inside the step), {what}, "
-              f"{resident_bytes_per_device(shape, roles, n_proc) / 2**20:,.0f} MiB resident per device")
+    describe, resident = f"host input (tf.data batches put on the mesh), {what}", {"train": 0, "eval": 0}
+  else:
+    describe = (f"device input (uint8 splits resident on every device, augmentation inside the step), {what}, "
+                f"{resident_bytes_per_device(shape, roles, n_proc) / 2**20:,.0f} MiB resident per device")
+    resident = {k: resident_bytes_per_device(shape, roles, n_proc, skip=(k,)) for k in ("train", "eval")}
   return {
-      "train": Program(train, train_args, batch, max_batch, (jax.jit(step_fn), (state_shape, train_net)),
-                       resident_bytes_per_device(shape, roles, n_proc, skip=("train",)), describe),
-      "eval": Program(evaluate, eval_args, eval_batch, max_eval_batch, (jax.jit(eval_fn), (state_shape, eval_net)),
-                      resident_bytes_per_device(shape, roles, n_proc, skip=("eval",)), describe),
+      "train": Program(train, train_args, loop.batch_size, max_batch, (jax.jit(step_fn), (state_shape, train_net)),
+                       resident["train"], describe),
+      "eval": Program(evaluate, eval_args, loop.eval_batch_size, max_eval_batch,
+                      (jax.jit(eval_fn), (state_shape, eval_net)), resident["eval"], describe),
   }
 
 
 def _mean_std(config, base: str):
   """The normalisation constants (their values do not change the program's shapes; 'dataset' statistics,
   which need the data, are stood in for by ImageNet's)."""
-  spec = config.get("normalize", "auto")
+  spec = config.normalize
   return stats_lib.mean_std(spec, base, lambda: stats_lib.RgbStatistics(
       mean=stats_lib.IMAGENET_MEAN_STD[0], std=stats_lib.IMAGENET_MEAN_STD[1],
       eigvals=tuple(IMAGENET_EIGVALS), eigvecs=tuple(map(tuple, IMAGENET_EIGVECS)), num_images=0))

@@ -9,7 +9,6 @@ flight ahead of the step (device_put is asynchronous). The batch is complete whe
 from typing import Dict, Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax import sharding as shd
@@ -54,16 +53,10 @@ class HostInput(input_api.Input):
   def describe(self):
     return f"host tf.data pipeline ({self.info.name}, {jax.process_count()} process(es))"
 
-  def _batch_spec(self, batch_size: int, image_shape) -> Dict[str, jax.ShapeDtypeStruct]:
-    sharding = shd.batch_sharded(self._mesh)
-    return {"image": jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32, sharding=sharding),
-            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
-
   # --- Train ---------------------------------------------------------------------------------------
 
   def train_spec(self):
-    size = self._config.image_size
-    return self._batch_spec(self._config.batch_size, (size, size, 3))
+    return input_api.host_train_spec(self._config, self._mesh)
 
   def train_args(self, step: int):
     if self._batches is None:
@@ -85,12 +78,8 @@ class HostInput(input_api.Input):
   # --- Eval ----------------------------------------------------------------------------------------
 
   def eval_spec(self, split: Optional[str] = None):
-    size = self._config.image_size
-    shape = (10, size, size, 3) if self._config.eval_crop == "ten_crop" else (size, size, 3)
-    spec = self._batch_spec(self._config.eval_batch_size, shape)
-    spec["mask"] = jax.ShapeDtypeStruct((self._config.eval_batch_size,), jnp.bool_,
-                                        sharding=shd.batch_sharded(self._mesh))
-    return spec
+    del split  # every eval split's batches have one shape
+    return input_api.host_eval_spec(self._config, self._mesh)
 
   def eval_args(self, split: Optional[str] = None):
     it = pipeline.create_eval_iter(self._config, process_index=jax.process_index(),

@@ -23,8 +23,10 @@ import os
 from typing import Any, Dict, Iterator, Optional
 
 import jax
+import jax.numpy as jnp
 
 from cnn_jax.data.info import DatasetInfo
+from cnn_jax.sharding import DATA_AXIS
 
 Batch = Dict[str, jax.Array]
 
@@ -72,6 +74,27 @@ class Input(abc.ABC):
 def shardings(spec: Any) -> Any:
   """The shardings of a pytree of ShapeDtypeStructs (a jit's in_shardings)."""
   return jax.tree.map(lambda s: s.sharding, spec)
+
+
+def batch_spec(mesh, batch_size: int, image_shape, mask: bool = False) -> Dict[str, jax.ShapeDtypeStruct]:
+  """Abstract global batch {'image': float32 [B, *image_shape], 'label': int32 [B], 'mask'?: bool [B]} split on
+  the mesh's `data` axis: what the host input feeds a step (its make_batch is the identity)."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+  spec = {"image": jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32, sharding=sharding),
+          "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
+  if mask:
+    spec["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_, sharding=sharding)
+  return spec
+
+
+def host_train_spec(config, mesh) -> Dict[str, jax.ShapeDtypeStruct]:
+  return batch_spec(mesh, config.batch_size, (config.image_size, config.image_size, 3))
+
+
+def host_eval_spec(config, mesh) -> Dict[str, jax.ShapeDtypeStruct]:
+  size = config.image_size
+  return batch_spec(mesh, config.eval_batch_size,
+                    ((10,) if config.eval_crop == "ten_crop" else ()) + (size, size, 3), mask=True)
 
 
 def finish_eval(totals) -> Dict[str, float]:
