@@ -16,7 +16,9 @@ class DivergenceMonitor:
 
   The first explosion is kept (`diverged`: its first bad step, the interval mean and the best before it);
   checkpoints saved from then on are not "good" (`sane` is False), so the advice after a NaN or a divergence
-  names a checkpoint from before it. The record travels in the checkpoint meta (`record()`).
+  names a checkpoint from before it. A loss often drifts up before it explodes: intervals more than a quarter
+  of the margin above the best so far are a drift (`drift_start`: where the current one began), and from its
+  start on checkpoints are not claimed as good either. The record travels in the checkpoint meta (`record()`).
   """
 
   def __init__(self, num_classes: int, record: Optional[Dict[str, Any]] = None):
@@ -24,11 +26,12 @@ class DivergenceMonitor:
     record = record or {}
     self.best_loss: Optional[float] = record.get("best_loss")
     self.diverged: Optional[Dict[str, Any]] = record.get("diverged")
+    self.drift_start: Optional[int] = record.get("drift_start")
 
   @property
   def sane(self) -> bool:
-    """True while the run has not diverged: a checkpoint saved now may be claimed as good."""
-    return self.diverged is None
+    """True while the run has neither diverged nor drifted up: a checkpoint saved now may be claimed as good."""
+    return self.diverged is None and self.drift_start is None
 
   def threshold(self) -> float:
     """The interval mean above which the loss counts as exploded (inf before the first interval)."""
@@ -52,15 +55,22 @@ class DivergenceMonitor:
                        "threshold": limit}
       return self.diverged
     self.best_loss = mean if self.best_loss is None else min(self.best_loss, mean)
+    if self.diverged is None:
+      drifting = mean > self.best_loss + self.margin / 4
+      self.drift_start = (self.drift_start or int(steps[0])) if drifting else None
     return None
 
   def first_bad_step(self, step: int) -> int:
-    """The first step whose loss was bad, given that step `step`'s was (the divergence may be earlier)."""
-    return min(step, self.diverged["step"]) if self.diverged else step
+    """The first step whose loss was bad, given that step `step`'s was (a divergence, or the drift up that
+    led to it, may have begun earlier)."""
+    bad = [step] + ([self.diverged["step"]] if self.diverged else []) + (
+        [self.drift_start] if self.drift_start is not None else [])
+    return min(bad)
 
   def record(self) -> Dict[str, Any]:
     """What a checkpoint's meta keeps, so a resumed run goes on comparing with the same history."""
-    return {"best_loss": self.best_loss, "diverged": self.diverged, "sane": self.sane}
+    return {"best_loss": self.best_loss, "diverged": self.diverged, "drift_start": self.drift_start,
+            "sane": self.sane}
 
 
 def lower_learning_rate(learning_rate: float, safe_learning_rate: float) -> float:

@@ -51,15 +51,17 @@ class NiNBlock(nn.Module):
   activation: str = 'relu'
   use_1x1: bool = True
   dtype: layers.Dtype = jnp.float32
+  scores: bool = False  # its last conv outputs the class scores (layers.classifier_init)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     act = layers.get_activation(self.activation)
+    last = layers.classifier_init(2.0) if self.scores else {}
     x = act(layers.Conv(self.features, self.window.size, self.window.stride, self.window.padding,
-                        dtype=self.dtype, name='conv')(x))
+                        dtype=self.dtype, name='conv', **({} if self.use_1x1 else last))(x))
     if self.use_1x1:
       x = act(layers.Conv(self.features, 1, dtype=self.dtype, name='mlp1')(x))
-      x = act(layers.Conv(self.features, 1, dtype=self.dtype, name='mlp2')(x))
+      x = act(layers.Conv(self.features, 1, dtype=self.dtype, name='mlp2', **last)(x))
     return x
 
 
@@ -98,9 +100,10 @@ class NiN(layers.ImageClassifier):
     x = block(self.channels(384), Window(3, 1, 'SAME'), name='block3')(x)
     x = layers.MaxPool(_POOL.size, _POOL.stride, name='pool3')(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train, name='dropout')(x)
-    x = block(self.num_classes, Window(3, 1, 'SAME'), name='block4')(x)
+    x = block(self.num_classes, Window(3, 1, 'SAME'), scores=self.head == 'gap', name='block4')(x)
     if self.head == 'gap':
       x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     else:
-      x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x.reshape((x.shape[0], -1)))
+      x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc', **layers.classifier_init(1.0))(
+          x.reshape((x.shape[0], -1)))
     return x.astype(jnp.float32)
