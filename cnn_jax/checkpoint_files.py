@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -130,6 +130,22 @@ def quiet_failures():
     asyncio_logger.removeFilter(quiet)
 
 
+def quiet_read(read: Callable[[], Any]) -> Any:
+  """read() inside `quiet_failures`; a failure becomes Damaged (its one-line `reason`; `error_text`: the
+  whole message), raised once Orbax's exception is released: the abandoned coroutines its traceback holds
+  report "never awaited" when freed, which must happen while the filters are in place."""
+  failure = None
+  with quiet_failures():
+    try:
+      return read()
+    except Damaged:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      failure = Damaged(reason(e))
+      failure.error_text = str(e)
+  raise failure
+
+
 # --- Small files and the meta ----------------------------------------------------------------------
 
 def _json_file_problem(step_dir: str, name: str) -> Optional[str]:
@@ -191,11 +207,7 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
   problem = item_files_problem(os.path.join(str(manager.directory), str(step)))
   if problem:
     raise Damaged(problem)
-  try:
-    with quiet_failures():
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:  # pylint: disable=broad-except
-    raise Damaged(reason(e)) from e
+  meta = quiet_read(lambda: manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
   problem = meta_problem(meta, step)
   if problem:
     raise Damaged(problem)
@@ -224,11 +236,7 @@ def saved_arrays(step_dir: str, meta: Dict[str, Any]) -> Dict[str, Tuple[Tuple[i
   The paths are also those of the checksums in `meta`, written from the same tree: where they differ, the
   array metadata changed after the save (a flipped bit in a name), which is damage, not another config.
   """
-  try:
-    with quiet_failures():
-      tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
-  except Exception as e:  # pylint: disable=broad-except
-    raise Damaged(reason(e)) from e
+  tree = quiet_read(lambda: ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state"))
   if tree is None:
     raise Damaged("its array metadata is missing")
   arrays = {k: (tuple(v.shape), str(v.dtype)) for k, v in checksum_lib.flat(tree).items()
@@ -306,17 +314,12 @@ def read_host_checkpoint(directory: str, step: int) -> Tuple[Dict[str, Any], Dic
   problem = manager_files_problem(step_dir) or item_files_problem(step_dir)
   if problem:
     raise Damaged(problem)
-  try:
-    with quiet_failures():
-      meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "meta"))
-      problem = meta_problem(meta, step)
-      if problem:
-        raise Damaged(problem)
-      tree = _host_arrays(os.path.join(step_dir, "state"))
-  except Damaged:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise Damaged(reason(e)) from e
+  json_checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+  meta = quiet_read(lambda: json_checkpointer.restore(os.path.join(step_dir, "meta")))
+  problem = meta_problem(meta, step)
+  if problem:
+    raise Damaged(problem)
+  tree = quiet_read(lambda: _host_arrays(os.path.join(step_dir, "state")))
   problem = verify(tree, meta, step)
   if problem:
     raise Damaged(problem)

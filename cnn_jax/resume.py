@@ -269,14 +269,13 @@ def _try_restore(manager, step: int, target, expected, workdir: str, allow_confi
   _check_changes(changes, workdir, step, allow_config_change)
   restored = None
   try:
-    with files.quiet_failures():
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
+    restored = files.quiet_read(lambda: manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"])
     problem = files.verify(restored, meta, step)
-  except Exception as e:  # pylint: disable=broad-except
-    if "structures do not match" in str(e):
+  except files.Damaged as e:
+    if "structures do not match" in getattr(e, "error_text", ""):
       raise _structure_error(step, {}, {}, meta, expected, workdir) from e
-    problem = files.reason(e)
+    problem = str(e)
   if not _all_agree(problem is None):
     return None, None, None, problem or "unreadable on another process"
   return restored, meta, changes, None
