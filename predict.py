@@ -29,7 +29,7 @@ def _main(paths):
   for p in paths:  # bad files fail before the model loads
     predict.read_image(p)
   predictor = predict.Predictor.from_run(_WORKDIR.value, _CHECKPOINT.value, _WHICH.value, _DATA_DIR.value)
-  print(predictor.checkpoint_line())
+  print(predictor.checkpoint_line(), file=sys.stderr, flush=True)  # stdout: the predictions alone
   print(predict.format_predictions(predictor.predict_files(paths, k=_TOP_K.value)))
   return 0
 
