@@ -29,11 +29,15 @@ def _main(paths):
   for p in paths:  # bad files fail before the model loads
     predict.read_image(p)
   predictor = predict.Predictor.from_run(_WORKDIR.value, _CHECKPOINT.value, _WHICH.value, _DATA_DIR.value)
+  print(predictor.checkpoint_line(), file=sys.stderr, flush=True)  # stdout: the predictions alone
   print(predict.format_predictions(predictor.predict_files(paths, k=_TOP_K.value)))
   return 0
 
 
 def main(argv):
+  # Library chatter (TensorFlow, Orbax) only with --verbosity, as in train.py.
+  from cnn_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_libraries()
   from cnn_jax import cli  # pylint: disable=g-import-not-at-top
   status = cli.run(cli.setup_runtime, distributed="off")
   return status or cli.run(_main, argv[1:])

@@ -121,6 +121,7 @@ def load_variables(ref: CheckpointRef) -> Tuple[Dict[str, Any], Dict[str, Any], 
   The newest checkpoint of a run folder, when damaged, is skipped for the previous one (one warning
   line); a checkpoint named explicitly is an error naming the earlier ones.
   """
+  # Imported on first use: predict.py checks the image files before it pays for Orbax and JAX.
   from cnn_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   flag = "--checkpoint"
   if ref.explicit:
@@ -237,7 +238,8 @@ class Predictor:
   """A trained network plus the eval preprocessing of its run."""
 
   def __init__(self, config, variables: Dict[str, Any], class_names: Sequence[str],
-               preprocess: Callable[[bytes], np.ndarray], step: int, flip: bool = False):
+               preprocess: Callable[[bytes], np.ndarray], step: int, flip: bool = False,
+               checkpoint_path: Optional[str] = None, total_steps: Optional[int] = None):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from cnn_jax import models
@@ -246,6 +248,8 @@ class Predictor:
     self.class_names = list(class_names)
     self.step = step
     self.flip = flip  # average each image's logits with its mirror image's, as the run's eval did
+    self.checkpoint_path = checkpoint_path  # the checkpoint folder the weights came from
+    self.total_steps = total_steps  # the run's planned steps (run_info.json), None if unknown
     self._preprocess = preprocess
     dtype = config.get("dtype", "float32")
     if dtype not in _DTYPES:
@@ -280,7 +284,15 @@ class Predictor:
     fn = pipeline.eval_preprocess_fn(pre["eval_crop"], float(pre["eval_resize_ratio"]),
                                      int(pre["image_size"]), channels, mean_std)
     return cls(config, variables, class_names, lambda data: fn(decodable(data, channels)).numpy(), step,
-               flip=bool(pre.get("eval_flip", False)))
+               flip=bool(pre.get("eval_flip", False)), checkpoint_path=os.path.join(ref.directory, str(step)),
+               total_steps=info.get("total_steps"))
+
+  def checkpoint_line(self) -> str:
+    """Which checkpoint predicts: 'checkpoint: <path> (step 8 of 8)', saying so when the run is unfinished."""
+    of = ""
+    if self.total_steps:
+      of = f" of {self.total_steps:,}" + (": the run is unfinished" if self.step < self.total_steps else "")
+    return f"checkpoint: {self.checkpoint_path} (step {self.step:,}{of})"
 
   def preprocess(self, data: bytes) -> np.ndarray:
     """Encoded image -> float32 [S, S, 3] (or [10, S, S, 3] with ten-crop eval), exactly as eval does."""

@@ -4,6 +4,7 @@ newest checkpoint is skipped, odd image encodings work, and errors name only pre
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -140,3 +141,49 @@ def test_a_run_without_the_record_names_only_predicts_flags(gray_run, tmp_path, 
   # With --data_dir it works (from the dataset's metadata).
   assert predict.Predictor.from_run(workdir=wd, data_dir=json.load(open(os.path.join(
       gray_run, "config.json")))["data_dir"]).class_names[9] == "Ankle boot"
+
+
+def test_predict_py_names_its_checkpoint_and_prints_nothing_else(gray_run, tmp_path):
+  """The command line: the checkpoint used (its path, its step of the run's) on stderr, the predictions alone
+  on stdout; none of Orbax's INFO/WARNING lines (it printed 13-18)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "predict.py", f"--workdir={gray_run}", "--top_k=2", _png(tmp_path)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout.splitlines()
+  assert len(out) == 3 and out[0].endswith("image_L.png:"), out
+  # TensorFlow's C++ start-up lines (oneDNN) are not Python logging and not this layer's to silence.
+  err = [l for l in proc.stderr.splitlines() if l.strip() and "oneDNN" not in l and "absl::InitializeLog" not in l]
+  assert err == [f"checkpoint: {os.path.join(gray_run, 'checkpoints', '4')} (step 4 of 4)"], proc.stderr[-3000:]
+
+
+def test_an_unfinished_run_is_said_to_be_unfinished(gray_run, tmp_path):
+  wd = _copy(gray_run, tmp_path)
+  path = os.path.join(wd, "run_info.json")
+  with open(path) as f:
+    info = json.load(f)
+  info["total_steps"] = 5616
+  with open(path, "w") as f:
+    json.dump(info, f)
+  line = predict.Predictor.from_run(workdir=wd).checkpoint_line()
+  assert line == f"checkpoint: {os.path.join(wd, 'checkpoints', '4')} (step 4 of 5,616: the run is unfinished)"
+
+
+def test_an_empty_meta_is_damage_and_no_checksums_is_said(gray_run, tmp_path, capfd):
+  """Checkpoint 4's meta `{}` (valid JSON): damaged, skipped with one line; checkpoint 2 without checksums (an
+  older run's): used, with one line saying it cannot be verified."""
+  wd = _copy(gray_run, tmp_path)
+  with open(os.path.join(wd, "checkpoints", "4", "meta", "metadata"), "w") as f:
+    f.write("{}")
+  meta_path = os.path.join(wd, "checkpoints", "2", "meta", "metadata")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  del meta["checksums"]
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  capfd.readouterr()
+  predictor = predict.Predictor.from_run(workdir=wd)
+  err = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+  assert predictor.step == 2
+  assert len(err) == 2 and err[0].startswith("warning: checkpoint 4") and "damaged" in err[0], err
+  assert err[1].startswith("note: checkpoint 2") and "cannot be verified" in err[1], err
