@@ -244,9 +244,10 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], flip: bool = False
       {"params": state.params, "batch_stats": state.batch_stats})
   images = batch["image"]
   if images.ndim == 5:
-    b, n = images.shape[:2]
-    logits = state.apply_fn(variables, images.reshape((b * n,) + images.shape[2:]), train=False)
-    logits = logits.reshape(b, n, -1).mean(axis=1)
+    # One crop of every image after another, not all ten as one batch of 10 B: XLA reuses one crop batch's
+    # activations' memory for the next, so a ten-crop eval needs about a train step's memory.
+    logits = sum(state.apply_fn(variables, images[:, i], train=False) for i in range(images.shape[1]))
+    logits = logits / images.shape[1]
   elif flip:  # two passes rather than one over a doubled batch: no resharding of a batch split on `data`
     logits = (state.apply_fn(variables, images, train=False)
               + state.apply_fn(variables, images[:, :, ::-1], train=False)) / 2
