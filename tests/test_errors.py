@@ -147,6 +147,20 @@ def test_empty_class_folder(image_folder_factory, tmp_path, capfd):
   assert status == cli.EXIT_USER_ERROR and "empty_class" in line and "holds no images" in line, line
 
 
+@pytest.mark.parametrize("mode", ["device", "host"])
+@pytest.mark.parametrize("field", ["train_split", "eval_split"])
+def test_an_empty_split_is_one_line(fashion_mnist_dir, tmp_path, capfd, mode, field):
+  overrides = {field: "train[:0]" if field == "train_split" else "test[:0]", "input": mode}
+  status, line = _train_status(_config(data_dir=fashion_mnist_dir, **overrides), tmp_path / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR and ("holds no examples" in line or "0 examples" in line), line
+
+
+def test_an_empty_image_folder_is_said_to_be_empty(tmp_path, capfd):
+  os.makedirs(tmp_path / "empty")
+  status, line = _train_status(_folder_config(tmp_path / "empty"), tmp_path / "w", capfd)
+  assert status == cli.EXIT_USER_ERROR and "it is empty" in line and "(it has )" not in line, line
+
+
 def test_a_folder_of_one_class_is_refused(image_folder_factory, tmp_path, capfd):
   root = image_folder_factory(classes=("cat",))
   status, line = _train_status(_folder_config(root), tmp_path / "w", capfd)

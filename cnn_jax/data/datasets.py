@@ -639,7 +639,8 @@ def resolve_splits(config, source: Source) -> Tuple[str, str]:
     eval_split = next((s for s in _EVAL_FOLDERS if s in source.splits), None)
     if eval_split is None:
       raise UserError(f"image folder {source.root} has no {'/, '.join(_EVAL_FOLDERS)}/ folder to evaluate on "
-                      f"(it has {', '.join(s + '/' for s in sorted(source.splits))}). {_SPLIT_HINT}")
+                      f"({'it has ' + ', '.join(s + '/' for s in sorted(source.splits)) if source.splits else 'it is empty'}). "
+                      f"{_SPLIT_HINT}")
     return train_split, eval_split
   return info_lib.resolve_splits(config, None)
 

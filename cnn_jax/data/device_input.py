@@ -76,8 +76,9 @@ def _roles(config) -> Dict[str, str]:
   folders = _folder_splits(config)
   if folders is not None and (config.eval_split or "auto") == "auto" and not (
       {"test", "val", "validation"} & set(folders)):
+    has = f"it has {', '.join(f + '/' for f in folders)}" if folders else "it is empty"
     raise UserError(f"image folder {config.dataset[len(FOLDER_PREFIX):]} has no test/, val/ or validation/ "
-                    f"folder to evaluate on (it has {', '.join(f + '/' for f in folders)}); name one with "
+                    f"folder to evaluate on ({has}); name one with "
                     "--config.eval_split=<folder>, or hold out part of the train folder with "
                     "--config.eval_split=holdout:10%")
   train_split, eval_split = resolve_splits(config, folders)
@@ -117,6 +118,10 @@ def plan(config, mesh) -> Plan:
     shape = tuple(raw) if fixed else (resolution, resolution, source.channels)
     for base in missing:
       sizes[base] = source.num_examples(base)
+  for role, spec in roles.items():
+    if not sum(len(idx) for _, idx in arrays.split_indices(spec, sizes)):
+      raise UserError(f"the {role.replace('_', ' ')} split {spec!r} of {config.dataset} holds no examples; name a "
+                      f"non-empty one with --config.{ {'train': 'train_split', 'eval': 'eval_split'}.get(role, 'eval_train_split')}")
   pixels = int(np.prod(shape))
   total = 0
   for role, spec in roles.items():

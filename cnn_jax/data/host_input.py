@@ -37,6 +37,9 @@ class HostInput(input_api.Input):
     self._config = config
     self._mesh = mesh
     self.info = datasets.get_dataset_info(config)
+    if self.info.num_eval == 0:
+      raise UserError(f"the eval split {config.eval_split!r} of {config.dataset} holds no examples; name a non-empty "
+                      "one with --config.eval_split")
     if config.eval_train_split:  # a bad split name fails here, not at the first eval
       pipeline.num_eval_batches(config, jax.process_count(), split=config.eval_train_split)
     source = datasets.get_source(config)
