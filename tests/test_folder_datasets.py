@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from cnn_jax.data import datasets
+from cnn_jax.data import folders
 from cnn_jax.data import pipeline
 from cnn_jax.errors import UserError
 from tests.conftest import make_image_folder
@@ -148,10 +149,10 @@ def test_listing_opens_no_file_and_is_cached(tmp_path, monkeypatch):
     raise AssertionError("the listing opened an image")
 
   monkeypatch.setattr(Image, "open", no_open)
-  datasets._list_image_folder.cache_clear()  # pylint: disable=protected-access
+  folders._list_image_folder.cache_clear()  # pylint: disable=protected-access
   datasets.get_source(_folder_config(root))
   datasets.get_source(_folder_config(root))
-  stats = datasets._list_image_folder.cache_info()  # pylint: disable=protected-access
+  stats = folders._list_image_folder.cache_info()  # pylint: disable=protected-access
   assert (stats.misses, stats.hits) == (1, 1)
   _touch(os.path.join(root, "train", "a", "new.png"))  # the folder changed: listed again
   assert len(datasets.get_source(_folder_config(root)).splits["train"]) == 7

@@ -4,30 +4,22 @@ r"""Compares finished (or running) workdirs: a verified-identical pipeline, then
   check_identical(runs)                       # UserError naming the fields when pipelines differ
   paths = write_report(runs, 'reports/families')
 
-Reads only what the loop writes (docs/design.md, "Workdir"): run_info.json (model, params, FLOPs, device,
-fingerprint fields), summary.json (final/best accuracy, throughput, wall time) and metrics.jsonl (the eval
-curve). A run without summary.json is reported from its metrics.jsonl and marked as running (its
-process still holds the workdir) or stopped.
-
-The recipe (run_info.json `fingerprint_fields`) must agree; the architecture (`architecture`, the
-family's own defaults such as its paper's dropout) is recorded per run and may differ between families.
+How runs are found, read and checked to share one recipe: cnn_jax/compare/runs.py. Here: one row per run and
+per architecture, report.md, the CSVs, the plots (plots.py), and the manifest that keeps report.py from
+replacing or deleting files it did not write.
 """
 
 import csv
-import dataclasses
-import glob
-import hashlib
 import json
 import math
 import os
-import socket
 import statistics
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from cnn_jax.compare.runs import (ALWAYS_ALLOWED, RunRecord, check_identical, covered,  # pylint: disable=unused-import
+                                  differing_fields, flatten, load_run, load_runs, recipe_hash, sweep_varies)
 from cnn_jax.errors import UserError
 
-# Fields expected to differ between runs being compared: the seed is replication, not a pipeline change.
-ALWAYS_ALLOWED = ("seed",)
 TABLE_COLUMNS = (
     "run", "architecture", "model", "seed", "status", "steps", "params", "gflops_per_image",
     "train_img_per_s", "best_top1", "best_top5", "final_top1", "final_top5", "train_eval_top1", "gap_top1",
@@ -35,212 +27,6 @@ TABLE_COLUMNS = (
 )
 # report.py --target_top1: the first eval at or above it gives 'epochs_to_target' (how long a net takes to train).
 DEFAULT_TARGET_TOP1 = 0.9
-
-
-@dataclasses.dataclass
-class RunRecord:
-  """One workdir as the comparison sees it."""
-  name: str
-  workdir: str
-  run_info: Dict[str, Any]
-  summary: Optional[Dict[str, Any]]
-  evals: List[Dict[str, Any]]          # metrics.jsonl records with split == 'eval', in step order
-  train: List[Dict[str, Any]]          # metrics.jsonl records with split == 'train'
-  tb_events: List[str]                 # TensorBoard event files under tb/
-  train_evals: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # split == 'train_eval'
-
-  @property
-  def finished(self) -> bool:
-    return self.summary is not None
-
-  @property
-  def model(self) -> str:
-    return self.run_info.get("model", "?")
-
-  @property
-  def seed(self):
-    return self.run_info.get("fingerprint_fields", {}).get("seed")
-
-  @property
-  def fields(self) -> Dict[str, Any]:
-    """The pipeline + recipe fingerprint fields, flattened to dotted leaves."""
-    return flatten(self.run_info.get("fingerprint_fields", {}))
-
-  @property
-  def running(self) -> bool:
-    """True while the run's process still holds its workdir (its `.lock` names a live process here)."""
-    return self.summary is None and workdir_in_use(self.workdir)
-
-
-def workdir_in_use(workdir: str) -> bool:
-  """Whether the process named in <workdir>/.lock ('pid N on HOST') is alive on this host.
-
-  A run writes that line when it takes the workdir's lock and its process holds the lock until it ends.
-  A lock from another host cannot be checked from here: counted as in use (the run may be going on).
-  """
-  try:
-    with open(os.path.join(workdir, ".lock")) as f:
-      holder = f.read().split()
-  except OSError:
-    return False
-  if len(holder) < 4 or holder[0] != "pid" or not holder[1].isdigit():
-    return False
-  if holder[3] != socket.gethostname():
-    return True
-  try:
-    os.kill(int(holder[1]), 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # alive, owned by someone else
-  return True
-
-
-def flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
-  """{'a': {'b': 1}} -> {'a.b': 1}; lists and scalars are leaves."""
-  if isinstance(tree, Mapping):
-    out = {}
-    for k, v in tree.items():
-      out.update(flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f"cannot read {path} ({e}); is the file complete?") from e
-
-
-def _read_metrics(path: str) -> List[Dict[str, Any]]:
-  records = []
-  if not os.path.exists(path):
-    return records
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue  # a line cut short by a killed run: the rest is still good
-  return records
-
-
-def load_run(workdir: str, name: Optional[str] = None) -> RunRecord:
-  """Reads one workdir; UserError if it holds no run_info.json (not a run, or not started)."""
-  info = _read_json(os.path.join(workdir, "run_info.json"))
-  if info is None:
-    raise UserError(f"{workdir} has no run_info.json: not a cnn_jax workdir, or the run has not started")
-  records = _read_metrics(os.path.join(workdir, "metrics.jsonl"))
-  # A resumed run may log a step twice (work after the last checkpoint is redone): keep the latest.
-  evals = {r["step"]: r for r in records if r.get("split") == "eval"}
-  train = {r["step"]: r for r in records if r.get("split") == "train"}
-  train_evals = {r["step"]: r for r in records if r.get("split") == "train_eval"}
-  tb = sorted(glob.glob(os.path.join(workdir, "tb", "**", "events.out.tfevents*"), recursive=True))
-  return RunRecord(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir, run_info=info,
-                   summary=_read_json(os.path.join(workdir, "summary.json")),
-                   evals=[evals[s] for s in sorted(evals)], train=[train[s] for s in sorted(train)],
-                   tb_events=tb, train_evals=[train_evals[s] for s in sorted(train_evals)])
-
-
-def find_workdirs(patterns: Iterable[str]) -> List[str]:
-  """Expands globs; a folder without run_info.json whose children have one stands for those children."""
-  found = []
-  for pattern in patterns:
-    matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
-    if not matches:
-      raise UserError(f"--runs={pattern!r} matches nothing")
-    for path in matches:
-      if not os.path.isdir(path):
-        if not glob.has_magic(pattern):
-          raise UserError(f"--runs: {path!r} is not a directory")
-        continue  # e.g. sweep.json next to the run folders
-      if os.path.exists(os.path.join(path, "run_info.json")):
-        found.append(os.path.normpath(path))
-        continue
-      children = sorted(os.path.normpath(os.path.join(path, c)) for c in os.listdir(path)
-                        if os.path.exists(os.path.join(path, c, "run_info.json")))
-      if children:
-        found.extend(children)
-      elif not glob.has_magic(pattern):
-        raise UserError(f"{path} has no run_info.json and no run folders below it")
-  return list(dict.fromkeys(found))  # de-duplicated, order kept
-
-
-def load_runs(patterns: Iterable[str]) -> List[RunRecord]:
-  """The runs under `patterns` (globs, workdirs or sweep roots), named uniquely."""
-  workdirs = find_workdirs(patterns)
-  if not workdirs:
-    raise UserError("no runs found (a run is a folder with run_info.json); check --runs")
-  names = [os.path.basename(w) for w in workdirs]
-  if len(set(names)) < len(names):  # runs from several roots: name them by their path below the common root
-    root = os.path.commonpath([os.path.abspath(w) for w in workdirs])
-    names = [os.path.relpath(os.path.abspath(w), root) for w in workdirs]
-  return [load_run(w, n) for w, n in zip(workdirs, names)]
-
-
-def sweep_varies(runs: Sequence[RunRecord]) -> Tuple[str, ...]:
-  """The fields a sweep declared as studied (sweep.json in the runs' common parent), else ()."""
-  parents = {os.path.dirname(os.path.abspath(r.workdir)) for r in runs}
-  if len(parents) != 1:
-    return ()
-  record = _read_json(os.path.join(parents.pop(), "sweep.json"))
-  return tuple(record.get("varies", ())) if record else ()
-
-
-def differing_fields(runs: Sequence[RunRecord]) -> Dict[str, Dict[str, Any]]:
-  """{dotted fingerprint field: {run name: value}} for every field whose value is not the same in all runs."""
-  flat = {r.name: r.fields for r in runs}
-  keys = sorted({k for f in flat.values() for k in f})
-  out = {}
-  for k in keys:
-    values = {name: f.get(k, "<missing>") for name, f in flat.items()}
-    if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
-      out[k] = values
-  return out
-
-
-def recipe_hash(run: RunRecord) -> str:
-  """16 hex chars over the fingerprint fields except the seed: equal for every seed of one recipe."""
-  fields = {k: v for k, v in run.run_info.get("fingerprint_fields", {}).items() if k not in ALWAYS_ALLOWED}
-  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _covered(field: str, allowed: Iterable[str]) -> bool:
-  """'optimizer.learning_rate' is covered by 'optimizer.learning_rate', 'optimizer' or 'learning_rate'?"""
-  for a in allowed:
-    if field == a or field.startswith(a + ".") or a.startswith(field + "."):
-      return True
-  return False
-
-
-def check_identical(runs: Sequence[RunRecord], allowed: Iterable[str] = (),
-                    allow_mismatch: bool = False) -> List[str]:
-  """Verifies the runs share one pipeline and recipe, apart from `allowed` fields and the seed.
-
-  Returns the unexpected differing fields (empty when identical). Raises UserError listing them, unless
-  `allow_mismatch`, in which case the caller must flag them loudly.
-  """
-  allowed = tuple(allowed) + ALWAYS_ALLOWED
-  diffs = {k: v for k, v in differing_fields(runs).items() if not _covered(k, allowed)}
-  if diffs and not allow_mismatch:
-    parts = []
-    for field, values in diffs.items():
-      by_value = {}
-      for name, v in values.items():
-        by_value.setdefault(json.dumps(v, default=str), []).append(name)
-      parts.append(f"{field} (" + "; ".join(f"{v}: {', '.join(n[:3])}{' ...' if len(n) > 3 else ''}"
-                                          for v, n in by_value.items()) + ")")
-    raise UserError(f"these runs do not share one pipeline/recipe, so their accuracies are not comparable; "
-                    f"differing fields: {' | '.join(parts)}. Compare runs of one recipe, or pass "
-                    "--allow_mismatch to report anyway with a warning")
-  return list(diffs)
 
 
 # --- Rows and groups ------------------------------------------------------------------------------
@@ -272,7 +58,7 @@ def _architecture_labels(runs: Sequence[RunRecord], extra_fields: Sequence[str])
   labels = {}
   for r in runs:
     parts = [f"{k}={kw[r.name][k]}" for k in varying if k in kw[r.name]]
-    parts += [f"{k}={r.fields.get(k)}" for k in extra_fields if not _covered(k, ALWAYS_ALLOWED)]
+    parts += [f"{k}={r.fields.get(k)}" for k in extra_fields if not covered(k, ALWAYS_ALLOWED)]
     detail = ", ".join(parts)
     if len(detail) > MAX_LABEL_DETAIL:  # e.g. five augmentation fields: the sweep's run name says it better
       detail = r.name
@@ -410,13 +196,28 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
   """
   os.makedirs(out, exist_ok=True)
   diffs = differing_fields(runs)
-  studied = [k for k in diffs if _covered(k, tuple(allowed)) and not _covered(k, ALWAYS_ALLOWED)]
+  studied = [k for k in diffs if covered(k, tuple(allowed)) and not covered(k, ALWAYS_ALLOWED)]
   labels = _architecture_labels(runs, studied + list(mismatched))
   rows = [row(r, labels[r.name], target) for r in runs]
   groups = group_rows(rows)
-  paths = {"markdown": os.path.join(out, "report.md"), "csv": os.path.join(out, "runs.csv"),
-           "groups_csv": os.path.join(out, "groups.csv")}
+  paths = _write_csvs(rows, groups, out)
+  if plots:
+    from cnn_jax.compare import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    paths.update(plots_lib.write_plots(runs, labels, groups, out))
+  has_gap = any(r["train_eval_top1"] is not None for r in rows)
+  md = (_md_recipe(runs, diffs, studied, mismatched) + _md_tables(rows, groups, target, has_gap)
+        + _md_differences(runs, diffs) + (_md_plots(paths) if plots else [])
+        + ["Files: `runs.csv` (one row per run), `groups.csv` (mean/std per architecture). "
+           "Params and GFLOPs/image (forward pass, XLA cost analysis) come from each run's summary.json.", ""])
+  paths["markdown"] = os.path.join(out, "report.md")
+  with open(paths["markdown"], "w") as f:
+    f.write("\n".join(md))
+  return paths
 
+
+def _write_csvs(rows: Sequence[Dict[str, Any]], groups: Sequence[Dict[str, Any]], out: str) -> Dict[str, str]:
+  """runs.csv (one row per run) and groups.csv (mean/std per architecture); returns their paths."""
+  paths = {"csv": os.path.join(out, "runs.csv"), "groups_csv": os.path.join(out, "groups.csv")}
   with open(paths["csv"], "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
     writer.writeheader()
@@ -426,22 +227,21 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
     writer = csv.DictWriter(f, fieldnames=group_columns)
     writer.writeheader()
     writer.writerows([{**g, "seeds": " ".join(map(str, g["seeds"]))} for g in groups])
+  return paths
 
-  if plots:
-    from cnn_jax.compare import plots as plots_lib  # pylint: disable=g-import-not-at-top
-    paths.update(plots_lib.write_plots(runs, labels, groups, out))
-  has_gap = any(r["train_eval_top1"] is not None for r in rows)
 
+def _md_recipe(runs: Sequence[RunRecord], diffs, studied, mismatched) -> List[str]:
+  """The report's opening: the title, a mismatch warning, TensorBoard, whether the recipe is verified
+  identical, the shared recipe and each run's architecture."""
   md = [f"# Comparison of {len(runs)} runs", ""]
   if mismatched:
     md += [f"> **WARNING: these runs do NOT share one pipeline/recipe** (differing: "
            f"{', '.join(mismatched)}). Accuracy differences below mix the network with those changes.", ""]
-  tb_root = tensorboard_root(runs)
   no_tb = [r.name for r in runs if not r.tb_events]
-  md += [f"TensorBoard shows these runs side by side: `tensorboard --logdir {tb_root}` (each run writes "
-         "its curves to `<workdir>/tb/`)." + (f" **No TensorBoard events in: {', '.join(no_tb)}.**"
-                                               if no_tb else ""), ""]
-  other = [k for k in diffs if not _covered(k, ALWAYS_ALLOWED)]
+  md += [f"TensorBoard shows these runs side by side: `tensorboard --logdir {tensorboard_root(runs)}` (each run "
+         "writes its curves to `<workdir>/tb/`)." + (f" **No TensorBoard events in: {', '.join(no_tb)}.**"
+                                                    if no_tb else ""), ""]
+  other = [k for k in diffs if not covered(k, ALWAYS_ALLOWED)]
   if not other:
     md.append(f"Pipeline and recipe verified identical for all runs: every fingerprint field of run_info.json "
               f"is equal{' apart from the seed' if diffs else ''} (recipe hash without the seed: "
@@ -449,8 +249,7 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
   else:
     md.append(f"Runs differ in: {', '.join(f'`{k}`' for k in other)}"
               f"{' (studied by the sweep)' if studied and not mismatched else ''}.")
-  first = runs[0].fields
-  shared = {k: v for k, v in first.items() if k not in diffs}
+  shared = {k: v for k, v in runs[0].fields.items() if k not in diffs}
   md += ["", "<details><summary>Shared pipeline and recipe</summary>", "",
          _md_table(["field", "value"], [[f"`{k}`", f"`{json.dumps(v, default=str)}`"]
                                         for k, v in sorted(shared.items())]), "", "</details>", ""]
@@ -462,10 +261,14 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
            _md_table(["run"] + arch_keys, [[r.name] + [f"`{json.dumps(archs[r.name].get(k, '–'), default=str)}`"
                                                       for k in arch_keys] for r in runs]),
            "", "</details>", ""]
+  return md
 
+
+def _md_tables(rows, groups, target: float, has_gap: bool) -> List[str]:
+  """The per-run table, the per-architecture table (mean ± std over seeds) and what their columns mean."""
   gap_head = ["train top-1", "gap"] if has_gap else []
   target_head = [f"epochs to ≥{target:g}", f"wall to ≥{target:g}"]
-  md += ["## Runs", "", _md_table(
+  md = ["## Runs", "", _md_table(
       ["run", "architecture", "status", "params", "GFLOPs/img", "train img/s", "top-1 best",
        "top-1 final", "top-5 best", "top-5 final"] + gap_head + target_head + ["wall", "device"],
       [[r["run"], r["architecture"], r["status"], _fmt(r["params"], "int"),
@@ -475,46 +278,44 @@ def write_report(runs: Sequence[RunRecord], out: str, allowed: Iterable[str] = (
        + ([_fmt(r["train_eval_top1"], "acc"), _fmt(r["gap_top1"], "acc")] if has_gap else [])
        + [_fmt(r["epochs_to_target"], "epochs"), _fmt(r["wall_to_target_s"], "time"),
           _fmt(r["wall_s"], "time"), r["device"]] for r in rows]), ""]
+  pm = lambda g, key, kind: _pm(g[key], g[key + "_std"], kind, g["runs"])
   md += ["## By architecture (mean ± std over seeds)", "", _md_table(
       ["architecture", "runs", "params", "GFLOPs/img", "train img/s", "top-1 best", "top-1 final",
        "top-5 best", "top-5 final"] + gap_head + target_head + ["wall"],
       [[g["architecture"], g["runs"], _fmt(g["params"], "int"), _fmt(g["gflops_per_image"], "gflops"),
-        _pm(g["train_img_per_s"], g["train_img_per_s_std"], "rate", g["runs"]),
-        _pm(g["best_top1"], g["best_top1_std"], "acc", g["runs"]),
-        _pm(g["final_top1"], g["final_top1_std"], "acc", g["runs"]),
-        _pm(g["best_top5"], g["best_top5_std"], "acc", g["runs"]),
-        _pm(g["final_top5"], g["final_top5_std"], "acc", g["runs"])]
-       + ([_pm(g["train_eval_top1"], g["train_eval_top1_std"], "acc", g["runs"]),
-           _pm(g["gap_top1"], g["gap_top1_std"], "acc", g["runs"])] if has_gap else [])
-       + [_pm(g["epochs_to_target"], g["epochs_to_target_std"], "epochs", g["runs"]),
-          _pm(g["wall_to_target_s"], g["wall_to_target_s_std"], "time", g["runs"]),
-          _pm(g["wall_s"], g["wall_s_std"], "time", g["runs"])] for g in groups]), ""]
+        pm(g, "train_img_per_s", "rate"), pm(g, "best_top1", "acc"), pm(g, "final_top1", "acc"),
+        pm(g, "best_top5", "acc"), pm(g, "final_top5", "acc")]
+       + ([pm(g, "train_eval_top1", "acc"), pm(g, "gap_top1", "acc")] if has_gap else [])
+       + [pm(g, "epochs_to_target", "epochs"), pm(g, "wall_to_target_s", "time"), pm(g, "wall_s", "time")]
+       for g in groups]), ""]
   notes = [f"*epochs/wall to ≥{target:g}*: the first eval whose test top-1 reaches {target:g} (– never); wall "
            "is from the run's first metrics record (evals included, compilation not)."]
   if has_gap:
     notes.append("*train top-1*: top-1 on the run's `eval_train_split` (the images it trains on) with eval "
                  "preprocessing, no augmentation or dropout; *gap* = train top-1 − test top-1 (final). "
                  "A larger gap is more overfitting.")
-  md += [" ".join(notes), ""]
-  if diffs:
-    names = [r.name for r in runs]
-    md += ["## What differs between runs", "", _md_table(
-        ["field"] + names, [[f"`{k}`"] + [f"`{json.dumps(v[n], default=str)}`" for n in names]
-                            for k, v in diffs.items()]), ""]
-  if plots:
-    md += ["## Plots", ""]
-    md += [f"![{title}]({os.path.basename(paths[k])})" + "\n"
-           for k, title in (("top1_vs_epoch", "test top-1 vs epoch"), ("top1_vs_params", "top-1 vs parameters"),
-                            ("top1_vs_flops", "top-1 vs FLOPs"), ("train_vs_test", "train vs test"),
-                            ("grad_norms", "grad norms")) if k in paths]
-    if "top1_vs_epoch" not in paths:
-      md += ["*No accuracy plots: none of these runs has evaluated yet (the first eval comes after "
-             "`eval_every_epochs`, 1 epoch by default).*", ""]
-  md += ["Files: `runs.csv` (one row per run), `groups.csv` (mean/std per architecture). "
-         "Params and GFLOPs/image (forward pass, XLA cost analysis) come from each run's summary.json.", ""]
-  with open(paths["markdown"], "w") as f:
-    f.write("\n".join(md))
-  return paths
+  return md + [" ".join(notes), ""]
+
+
+def _md_differences(runs: Sequence[RunRecord], diffs) -> List[str]:
+  if not diffs:
+    return []
+  names = [r.name for r in runs]
+  return ["## What differs between runs", "", _md_table(
+      ["field"] + names, [[f"`{k}`"] + [f"`{json.dumps(v[n], default=str)}`" for n in names]
+                          for k, v in diffs.items()]), ""]
+
+
+def _md_plots(paths: Mapping[str, str]) -> List[str]:
+  md = ["## Plots", ""]
+  md += [f"![{title}]({os.path.basename(paths[k])})" + "\n"
+         for k, title in (("top1_vs_epoch", "test top-1 vs epoch"), ("top1_vs_params", "top-1 vs parameters"),
+                          ("top1_vs_flops", "top-1 vs FLOPs"), ("train_vs_test", "train vs test"),
+                          ("grad_norms", "grad norms")) if k in paths]
+  if "top1_vs_epoch" not in paths:
+    md += ["*No accuracy plots: none of these runs has evaluated yet (the first eval comes after "
+           "`eval_every_epochs`, 1 epoch by default).*", ""]
+  return md
 
 
 MANIFEST = ".report.json"  # in a report's folder: the runs it compared and the files it wrote

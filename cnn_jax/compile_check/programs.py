@@ -46,6 +46,7 @@ from cnn_jax import steps as steps_lib
 from cnn_jax.data import arrays
 from cnn_jax.data import device_input
 from cnn_jax.data import input_api
+from cnn_jax.data import splits as split_specs
 from cnn_jax.data import stats as stats_lib
 from cnn_jax.data.augment_spec import IMAGENET_EIGVALS, IMAGENET_EIGVECS, AugmentSettings
 from cnn_jax.data.info import FOLDER_PREFIX, base_name_of, resolve_splits
@@ -110,7 +111,7 @@ def _from_cache(config, bases) -> Optional[DatasetShape]:
 
 def dataset_shape(config, roles: Dict[str, str]) -> DatasetShape:
   """The shapes of config.dataset's splits named in `roles`: from the array cache's metadata, else the table."""
-  bases = sorted({name for spec in roles.values() for name, _, _ in arrays.parse_split(spec)})
+  bases = sorted({name for spec in roles.values() for name, _, _ in split_specs.parse_split(spec)})
   found = _from_cache(config, bases)
   if found is not None:
     return found
@@ -131,8 +132,8 @@ def dataset_shape(config, roles: Dict[str, str]) -> DatasetShape:
 
 def _process_rows(spec: str, sizes: Dict[str, int], drop_remainder: bool, n_proc: int) -> Tuple[int, int]:
   """(rows every device holds, process 0's real examples) of split `spec` over `n_proc` processes."""
-  total = sum(len(idx) for _, idx in arrays.split_indices(spec, sizes))
-  start, end = arrays.process_slice(total, 0, n_proc, drop_remainder)
+  total = sum(len(idx) for _, idx in split_specs.split_indices(spec, sizes))
+  start, end = split_specs.process_slice(total, 0, n_proc, drop_remainder)
   return end - start, end - start
 
 

@@ -35,7 +35,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -114,58 +114,6 @@ def resolution_for(config, fixed_shape: bool) -> Optional[int]:
 
 def split_dir(config, split: str, resolution: Optional[int]) -> str:
   return os.path.join(cache_root(config), dataset_key(config, resolution), split)
-
-
-# --- Split specs (a numpy version of the tfds slicing the host pipeline uses) ---------------------
-
-_SLICE = re.compile(r"^\s*([\w-]+)\s*(?:\[\s*(-?[\d.]*%?)\s*:\s*(-?[\d.]*%?)\s*\])?\s*$")
-
-
-def parse_split(spec: str) -> List[Tuple[str, str, str]]:
-  """'train[:10%]+test' -> [('train', '', '10%'), ('test', '', '')]; UserError if not of that form."""
-  parts = []
-  for part in spec.split("+"):
-    match = _SLICE.match(part)
-    if not match:
-      raise UserError(f"split {spec!r} is not of the form name, name[a:b] or name[a%:b%] (joined by '+')")
-    parts.append((match.group(1), match.group(2) or "", match.group(3) or ""))
-  return parts
-
-
-def _boundary(text: str, n: int, default: int) -> int:
-  if not text:
-    return default
-  if text.endswith("%"):
-    value = int(round(float(text[:-1]) * n / 100.0))  # tfds rounds percent boundaries to the closest
-  else:
-    value = int(text)
-  if value < 0:
-    value += n
-  return min(max(value, 0), n)
-
-
-def split_indices(spec: str, sizes: Dict[str, int]) -> List[Tuple[str, np.ndarray]]:
-  """[(base split, example indices)] selected by `spec` given the base splits' sizes."""
-  out = []
-  for name, lo, hi in parse_split(spec):
-    if name not in sizes:
-      raise UserError(f"no split {name!r}; the dataset has {sorted(sizes)}")
-    n = sizes[name]
-    out.append((name, np.arange(_boundary(lo, n, 0), _boundary(hi, n, n))))
-  return out
-
-
-def process_slice(num_examples: int, process_index: int, process_count: int,
-                  drop_remainder: bool) -> Tuple[int, int]:
-  """[start, end) of this process's part of `num_examples`: tfds.even_splits' rule (contiguous equal
-  parts; the remainder dropped, or spread over the first processes)."""
-  per = num_examples // process_count
-  start, end = per * process_index, per * (process_index + 1)
-  rest = num_examples % process_count
-  if rest and not drop_remainder:
-    start += min(process_index, rest)
-    end += min(process_index + 1, rest)
-  return start, end
 
 
 # --- Source signatures (TensorFlow-free) ----------------------------------------------------------
@@ -293,29 +241,36 @@ def build_split(config, split: str, resolution: Optional[int], dest: str) -> Spl
     images.flush()
     del images
     np.save(os.path.join(tmp, _LABELS), labels)
-    info = source.info(split, split)
-    if isinstance(source, datasets.FolderSource):
-      signature = {"kind": "folder", "path": os.path.abspath(source.root)}
-    else:
-      signature = {"kind": "tfds", "path": str(source.builder.data_dir)}
-    signature["signature"] = _current_signature(signature)
-    files = {}
-    for name in (_IMAGES, _LABELS):
-      array = np.load(os.path.join(tmp, name), mmap_mode="r")
-      files[name] = {"bytes": os.path.getsize(os.path.join(tmp, name)),
-                     "sha256": _file_sha256(os.path.join(tmp, name)), "shape": list(array.shape)}
-      del array
-    meta = {"format_version": FORMAT_VERSION, "dataset": source.name, "split": split,
-            "num_examples": count, "class_names": list(info.class_names), "resolution": resolution,
-            # Resized by the automatic rule, which resizes a folder only when its images differ in size.
-            "sizes_vary": bool(resolution and not config.array_cache_res),
-            "files": files, "source": signature, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with open(os.path.join(tmp, _META), "w") as f:
-      json.dump(meta, f, indent=1)
+    _write_meta(tmp, config, source, split, count, resolution)
     _replace_dir(tmp, dest)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return load_split(dest, check_source=False)
+
+
+def _write_meta(folder: str, config, source, split: str, count: int, resolution: Optional[int]) -> None:
+  """meta.json of a split written to `folder`: class names, the files' sizes and SHA-256, the source's
+  signature, the resolution."""
+  from cnn_jax.data import folders  # pylint: disable=g-import-not-at-top
+  info = source.info(split, split)
+  if isinstance(source, folders.FolderSource):
+    signature = {"kind": "folder", "path": os.path.abspath(source.root)}
+  else:
+    signature = {"kind": "tfds", "path": str(source.builder.data_dir)}
+  signature["signature"] = _current_signature(signature)
+  files = {}
+  for name in (_IMAGES, _LABELS):
+    array = np.load(os.path.join(folder, name), mmap_mode="r")
+    files[name] = {"bytes": os.path.getsize(os.path.join(folder, name)),
+                   "sha256": _file_sha256(os.path.join(folder, name)), "shape": list(array.shape)}
+    del array
+  meta = {"format_version": FORMAT_VERSION, "dataset": source.name, "split": split,
+          "num_examples": count, "class_names": list(info.class_names), "resolution": resolution,
+          # Resized by the automatic rule, which resizes a folder only when its images differ in size.
+          "sizes_vary": bool(resolution and not config.array_cache_res),
+          "files": files, "source": signature, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+  with open(os.path.join(folder, _META), "w") as f:
+    json.dump(meta, f, indent=1)
 
 
 def _replace_dir(tmp: str, dest: str) -> None:

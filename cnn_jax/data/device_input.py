@@ -35,6 +35,7 @@ from cnn_jax import sharding as shd
 from cnn_jax.data import arrays
 from cnn_jax.data import augment_jax
 from cnn_jax.data import input_api
+from cnn_jax.data import splits as split_specs
 from cnn_jax.data import stats as stats_lib
 from cnn_jax.data.augment_spec import AugmentSettings, check_eval_settings
 from cnn_jax.data.info import FOLDER_PREFIX, resolve_splits
@@ -89,9 +90,9 @@ def _roles(config) -> Dict[str, str]:
 
 
 def _local_count(spec: str, sizes: Dict[str, int], drop_remainder: bool, process_index: int = None) -> int:
-  total = sum(len(idx) for _, idx in arrays.split_indices(spec, sizes))
+  total = sum(len(idx) for _, idx in split_specs.split_indices(spec, sizes))
   index = jax.process_index() if process_index is None else process_index
-  start, end = arrays.process_slice(total, index, jax.process_count(), drop_remainder)
+  start, end = split_specs.process_slice(total, index, jax.process_count(), drop_remainder)
   return end - start
 
 
@@ -99,7 +100,7 @@ def plan(config, mesh) -> Plan:
   """The device-input plan of `config` (reads the array cache's metadata; the source only if uncached)."""
   del mesh
   roles = _roles(config)
-  bases = sorted({name for spec in roles.values() for name, _, _ in arrays.parse_split(spec)})
+  bases = sorted({name for spec in roles.values() for name, _, _ in split_specs.parse_split(spec)})
   cached = arrays.cached_shape(config)
   if cached is not None:
     resolution, shape = cached
@@ -119,7 +120,7 @@ def plan(config, mesh) -> Plan:
     for base in missing:
       sizes[base] = source.num_examples(base)
   for role, spec in roles.items():
-    if not sum(len(idx) for _, idx in arrays.split_indices(spec, sizes)):
+    if not sum(len(idx) for _, idx in split_specs.split_indices(spec, sizes)):
       raise UserError(f"the {role.replace('_', ' ')} split {spec!r} of {config.dataset} holds no examples; name a "
                       f"non-empty one with --config.{ {'train': 'train_split', 'eval': 'eval_split'}.get(role, 'eval_train_split')}")
   pixels = int(np.prod(shape))
@@ -135,11 +136,11 @@ def process_part(spec: str, split_arrays: Dict[str, arrays.SplitArrays], drop_re
                  process_count: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, int]:
   """A process's part of split `spec` (this process's by default): (images [n, H, W, C], labels [n], n)."""
   sizes = {name: len(a.labels) for name, a in split_arrays.items()}
-  pieces = arrays.split_indices(spec, sizes)
+  pieces = split_specs.split_indices(spec, sizes)
   total = sum(len(idx) for _, idx in pieces)
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  start, end = arrays.process_slice(total, index, count, drop_remainder)
+  start, end = split_specs.process_slice(total, index, count, drop_remainder)
   images, labels, offset = [], [], 0
   for name, idx in pieces:
     lo, hi = max(start - offset, 0), min(end - offset, len(idx))
@@ -259,7 +260,7 @@ def augment_key(seed: int, mesh) -> jax.Array:
 
 def _load_resident(config, mesh, the_plan: Plan, announce) -> Tuple[Dict[str, _Resident], Dict[str, arrays.SplitArrays]]:
   """Every split of the plan, this process's part, on the local devices; and the cached split arrays."""
-  bases = sorted({name for spec in the_plan.splits.values() for name, _, _ in arrays.parse_split(spec)})
+  bases = sorted({name for spec in the_plan.splits.values() for name, _, _ in split_specs.parse_split(spec)})
   announce(f"loading {config.dataset} ({', '.join(sorted(set(the_plan.splits.values())))}) onto the devices, "
            f"{input_api.describe_bytes(the_plan.bytes_per_device)} each")
   if jax.process_count() > 1:
@@ -287,7 +288,7 @@ def _statistics_fn(config, train_split: str, split_arrays: Dict[str, arrays.Spli
     source_name = FOLDER_PREFIX + os.path.expanduser(source_name[len(FOLDER_PREFIX):])
 
   def pixels():
-    pieces = arrays.split_indices(train_split, {b: len(a.labels) for b, a in split_arrays.items()})
+    pieces = split_specs.split_indices(train_split, {b: len(a.labels) for b, a in split_arrays.items()})
     seen = 0
     for name, idx in pieces:
       for i in idx[:max(stats_lib.MAX_IMAGES - seen, 0)]:
@@ -309,7 +310,7 @@ class DeviceInput(input_api.Input):
     self._plan = the_plan
     self._resident, split_arrays = _load_resident(config, mesh, the_plan, announce)
     train = self._resident[the_plan.splits["train"]]
-    count = lambda role: sum(len(idx) for _, idx in arrays.split_indices(the_plan.splits[role], the_plan.sizes))
+    count = lambda role: sum(len(idx) for _, idx in split_specs.split_indices(the_plan.splits[role], the_plan.sizes))
     first = split_arrays[sorted(split_arrays)[0]]
     self.info = arrays.dataset_info(config.dataset, [first], count("train"), count("eval"))
     self.steps_per_epoch = input_api.steps_per_epoch(train.count, config.batch_size)
