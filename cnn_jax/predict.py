@@ -24,8 +24,6 @@ import numpy as np
 
 from cnn_jax.errors import UserError
 
-_DTYPES = ("float32", "bfloat16", "float16")
-
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
@@ -242,8 +240,9 @@ class Predictor:
                checkpoint_path: Optional[str] = None, total_steps: Optional[int] = None):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from cnn_jax import models
+    from cnn_jax import models  # pylint: disable=g-import-not-at-top
     from cnn_jax import ops  # pylint: disable=g-import-not-at-top
+    from cnn_jax import specs  # pylint: disable=g-import-not-at-top
     self.config = config
     self.class_names = list(class_names)
     self.step = step
@@ -252,8 +251,8 @@ class Predictor:
     self.total_steps = total_steps  # the run's planned steps (run_info.json), None if unknown
     self._preprocess = preprocess
     dtype = config.get("dtype", "float32")
-    if dtype not in _DTYPES:
-      raise UserError(f"config dtype {dtype!r} is not one of {list(_DTYPES)}")
+    if dtype not in specs.DTYPES:
+      raise UserError(f"config dtype {dtype!r} is not one of {list(specs.DTYPES)}")
     model = models.get_model(config.model, len(self.class_names), dtype=jnp.dtype(dtype),
                              **config.model_kwargs.to_dict())
     self._variables = variables

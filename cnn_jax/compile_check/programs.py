@@ -242,7 +242,7 @@ def build(config, mesh: Mesh, *, device_memory_bytes: Optional[int] = None) -> D
   shape = dataset_shape(config, roles)
   mode = _input_mode(config, shape, roles, n_proc, device_memory_bytes)
   rows = {role: _process_rows(spec, shape.sizes, role == "train", n_proc)[0] for role, spec in roles.items()}
-  steps_per_epoch = rows["train"] // (loop.batch_size // n_proc)
+  steps_per_epoch = input_api.steps_per_epoch(rows["train"], loop.batch_size, n_proc)
   if steps_per_epoch == 0:
     raise UserError(f"a process's part of the train split has {rows['train']} examples, fewer than one batch "
                     f"of {loop.batch_size // n_proc}; lower the batch")

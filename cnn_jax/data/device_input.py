@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from cnn_jax import ops
 from cnn_jax import sharding as shd
+from cnn_jax import specs
 from cnn_jax.data import arrays
 from cnn_jax.data import augment_jax
 from cnn_jax.data import input_api
@@ -41,7 +42,6 @@ from cnn_jax.data.augment_spec import AugmentSettings, check_eval_settings
 from cnn_jax.data.info import FOLDER_PREFIX, resolve_splits
 from cnn_jax.errors import UserError
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +327,7 @@ class DeviceInput(input_api.Input):
         mesh, batch_size=int(config.batch_size), eval_batch_size=int(config.eval_batch_size),
         image_size=int(config.image_size), steps_per_epoch=self.steps_per_epoch, settings=settings,
         eval_crop=config.eval_crop, eval_resize_ratio=float(config.eval_resize_ratio), mean_std=self.mean_std,
-        eigen=eigen, dtype=DTYPES[config.dtype])
+        eigen=eigen, dtype=specs.DTYPES[config.dtype])
     self._augment_key = augment_key(config.seed, mesh)
     self._epoch, self._perm = None, None
     self._batch_jit = None

@@ -105,10 +105,10 @@ def finish_eval(totals) -> Dict[str, float]:
           "top5": float(totals["top5"]) / count, "count": int(count)}
 
 
-def steps_per_epoch(local_examples: int, global_batch: int) -> int:
-  """Train steps per epoch: each process draws `global_batch / process_count` of its own `local_examples`
-  per step and drops its last partial batch."""
-  return local_examples // (global_batch // jax.process_count())
+def steps_per_epoch(local_examples: int, global_batch: int, process_count: Optional[int] = None) -> int:
+  """Train steps per epoch: each of `process_count` processes (default: this run's) draws
+  `global_batch / process_count` of its own `local_examples` per step and drops its last partial batch."""
+  return local_examples // (global_batch // (process_count or jax.process_count()))
 
 
 def device_memory_bytes(mesh) -> Optional[int]:
