@@ -27,10 +27,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.heavy  # every test here launches train.py 2-5 times
 
 # Runs train.py (same flags) after two optional test hooks:
-#   CNN_JAX_TEST_EMULATE_PROCESSES=2: a single process is fed the global batches of 2 processes (process
-#     0's local batch, then process 1's), i.e. what a 2-process run assembles with
-#     make_array_from_process_local_data. Without it one process would shuffle the whole split itself,
-#     a different (equally valid) order.
+#   CNN_JAX_TEST_EMULATE_PROCESSES=2: a single process is fed the global train and eval batches of 2 processes
+#     (process 0's local batch, then process 1's), i.e. what a 2-process run assembles with
+#     make_array_from_process_local_data. Without it one process would shuffle the whole split itself, a
+#     different (equally valid) order, and its eval batches would hold other examples, so the eval's float sums
+#     would add the same numbers in another order.
 #   CNN_JAX_TEST_SUMMARY_DIR: every process writes the summary it returns to summary_<process>.json (only
 #     process 0 writes the workdir's summary.json).
 # And always: every process writes its own entries to the session's persistent compilation cache. JAX writes
@@ -63,7 +64,14 @@ if emulate:
              for p in range(emulate)]
     for local in zip(*parts):
       yield {k: np.concatenate([b[k] for b in local]) for k in local[0]}
+  real_eval_iter = pipeline.create_eval_iter
+  def global_eval_batches(config, *, process_index=0, process_count=1, split=None):
+    assert (process_index, process_count) == (0, 1)
+    parts = [real_eval_iter(config, process_index=p, process_count=emulate, split=split) for p in range(emulate)]
+    for local in zip(*parts):
+      yield {k: np.concatenate([b[k] for b in local]) for k in local[0]}
   pipeline.create_train_iter = global_batches
+  pipeline.create_eval_iter = global_eval_batches
 
 summary_dir = os.environ.get("CNN_JAX_TEST_SUMMARY_DIR")
 if summary_dir:
@@ -203,9 +211,10 @@ def test_two_processes_match_one_process_and_resume_after_sigterm(fashion_mnist_
   run_info = json.load(open(os.path.join(multi_dir, "run_info.json")))
   assert run_info["num_processes"] == 2 and run_info["num_devices"] == 2
 
-  # Two processes vs one process, the same 2-device mesh and global batches: every cross-device sum (gradients,
-  # BatchNorm moments, metrics) has two operands, a single IEEE addition, which is commutative, so gloo's
-  # all-reduce and the in-process one give the same bits whatever order each uses. (With 4 devices the sums
+  # Two processes vs one process, the same 2-device mesh and global train and eval batches: every cross-device
+  # sum (gradients, BatchNorm moments, metrics) has two operands, a single IEEE addition, which is commutative,
+  # so gloo's all-reduce and the in-process one give the same bits whatever order each uses; the eval adds the
+  # same batch sums in the same order on the host. (With 4 devices the sums
   # associate differently, ((a+b)+c)+d vs (a+b)+(c+d): rounding that 16 SGD steps grow to a relative distance
   # of 5e-8 on an AMD EPYC and 4e-5 on an Intel AVX-512 CPU, so no tolerance would be a measured one.)
   a, b = _load_state(multi_dir, 16), _load_state(single_dir, 16)
