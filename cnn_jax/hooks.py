@@ -89,9 +89,14 @@ class LogTrain:
     self.flush(step)
 
 
+class Abandoned(int):
+  """What `evaluate` returns for an eval that a stop request ended: the number of batches it had dispatched."""
+
+
 def evaluate(eval_program, inp: input_api.Input, state, split: Optional[str] = None,
-             stop=None) -> Optional[Dict[str, float]]:
-  """Means over every example of the eval split (or `split`), or None when `stop` asked to stop meanwhile.
+             stop=None):
+  """Means over every example of the eval split (or `split`), or Abandoned(batches dispatched) when `stop`
+  asked to stop meanwhile.
 
   At most two eval batches are queued on the devices (as train steps are), so an abandoned eval ends
   within about a batch of the request; all processes abandon at the same batch.
@@ -101,7 +106,7 @@ def evaluate(eval_program, inp: input_api.Input, state, split: Optional[str] = N
   for i, args in enumerate(inp.eval_args(split)):
     pacer.wait_for_room()
     if stop is not None and stop.eval_should_stop(i):
-      return None
+      return Abandoned(i)
     sums = eval_program(state, args)
     pacer.dispatched(sums)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -140,21 +145,27 @@ class Evaluate:
     epoch = step / self.steps_per_epoch
     self.progress.evaluating()
     result = self.run_eval(state, None, self.stop)
-    if result is None:
-      return self.stop.requested or "a signal to another process"
+    if isinstance(result, Abandoned):
+      return self._abandoned(step, "eval", result)
     self.progress.evaluated(step, epoch, result)
     if result["top1"] > self.best["top1"]:
       self.best = {"top1": result["top1"], "top5": result["top5"], "step": step}
     self.writer.write("eval", step, {**result, "epoch": epoch})
     if self.train_eval_split:
       train_eval = self.run_eval(state, self.train_eval_split, self.stop)
-      if train_eval is None:
-        return self.stop.requested or "a signal to another process"
+      if isinstance(train_eval, Abandoned):
+        return self._abandoned(step, "train_eval", train_eval)
       self.progress.evaluated(step, epoch, train_eval, name=self.train_eval_split)
       self.writer.write("train_eval", step, {**train_eval, "epoch": epoch})
       self.last_train_eval = train_eval
     self.last, self.last_step = result, step
     return None
+
+  def _abandoned(self, step: int, split: str, batches: Abandoned) -> str:
+    """Records (metrics.jsonl only) that the eval of `step` was abandoned and after how many batches; the
+    stop's reason."""
+    self.writer.write("eval_abandoned", step, {"of": split, "batches": int(batches)}, tensorboard=False)
+    return self.stop.requested or "a signal to another process"
 
   def at_end(self, step, state, stopped):
     del step, state, stopped

@@ -114,15 +114,16 @@ class MetricsWriter:
     if tensorboard:
       self._tb = TensorBoardWriter(os.path.join(workdir, "tb"))
 
-  def write(self, split: str, step: int, values: Dict[str, Any]) -> None:
-    """One record {"split", "step", **values}; scalars also go to TensorBoard as `split/name`."""
+  def write(self, split: str, step: int, values: Dict[str, Any], tensorboard: bool = True) -> None:
+    """One record {"split", "step", **values}; scalars also go to TensorBoard as `split/name` (unless not
+    `tensorboard`)."""
     if not self.enabled:
       return
     record = {"split": split, "step": int(step), "time": time.time()}
     record.update({k: _to_builtin(v) for k, v in values.items()})
     with open(self._path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    if self._tb is not None:
+    if self._tb is not None and tensorboard:
       for k, v in record.items():
         if k not in ("split", "step", "time") and isinstance(v, (int, float)):
           self._tb.scalar(f"{split}/{k}", v, step)

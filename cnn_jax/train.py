@@ -110,12 +110,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config = config.copy_and_resolve_references()
   specs.read(config)  # a field out of range is one line before anything is written
-  workdir_lib.prepare(workdir)
+  created = workdir_lib.prepare(workdir)
   # Before the (possibly long) set-up: a signal then ends the process cleanly (command line) or the run
   # before its first step (in-process); see cnn_jax.signals.
   stop = signals.StopRequest.for_run(workdir)
   try:
-    with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0):
+    with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0, created=created):
       run = set_up(config, workdir, stop)
       if run.start_step >= run.total_steps:
         return finish_again(run)

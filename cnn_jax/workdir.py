@@ -9,9 +9,11 @@ from cnn_jax import signals
 from cnn_jax.errors import UserError
 
 
-def prepare(workdir: str) -> None:
-  """Creates `workdir` if needed; UserError if it cannot be written (a file, read-only, no permission)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+def prepare(workdir: str) -> bool:
+  """Creates `workdir` if needed (True when this call created it); UserError if it cannot be written (a
+  file, read-only, no permission)."""
+  created = not os.path.exists(workdir)
+  if not created and not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir!r} is a file, not a folder; pass another --workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -21,6 +23,7 @@ def prepare(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from e
+  return created
 
 
 def write_json(path: str, obj) -> None:
@@ -44,17 +47,21 @@ def read_json(path: str):
 class Lock:
   """An exclusive lock on `<workdir>/.lock` (process 0): two runs writing one workdir corrupt each other.
 
-  flock is released by the kernel when the process dies, even by kill -9, so a lock is never stale.
+  flock is released by the kernel when the process dies, even by kill -9, so a lock is never stale. A run
+  refused for bad input (a UserError) takes back the lock file it made, and the folder too when `created`
+  (the run made it) and nothing else is in it.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, created: bool = False):
     self._path = os.path.join(workdir, ".lock")
     self._enabled = enabled
+    self._created = created
     self._file = None
 
   def __enter__(self):
     if not self._enabled:
       return self
+    self._new_file = not os.path.exists(self._path)
     self._file = open(self._path, "a+")
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -71,7 +78,16 @@ class Lock:
     self._file.flush()
     return self
 
-  def __exit__(self, *exc):
-    if self._file is not None:
-      self._file.close()  # releases the flock
-      self._file = None
+  def __exit__(self, exc_type, exc, tb):
+    if self._file is None:
+      return
+    refused = exc_type is not None and issubclass(exc_type, UserError)
+    if refused and self._new_file:
+      os.remove(self._path)  # while the lock is held: no other run is between its open and its flock
+    self._file.close()  # releases the flock
+    self._file = None
+    if refused and self._created:
+      try:
+        os.rmdir(os.path.dirname(self._path))
+      except OSError:
+        pass  # not empty: what is in it stays

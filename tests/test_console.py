@@ -17,7 +17,7 @@ from cnn_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lines libraries print that the default output must not show.
-CHATTER = re.compile(r"^(I|W)\d{4} |absl::InitializeLog|cpu_feature_guard|xla_bridge|Unknown size|"
+CHATTER = re.compile(r"^(I|W)\d{4} |absl::InitializeLog|cpu_feature_guard|oneDNN|xla_bridge|Unknown size|"
                      r"Unable to initialize backend|partially cached", re.M)
 
 
@@ -117,7 +117,8 @@ def test_cpu_cost_warning_for_native_resolution():
 
 def test_train_py_as_typed_default_workdir_status_lines_and_no_chatter(fashion_mnist_dir, tmp_path):
   """`python train.py --config=...` without --workdir, as a new user types it (a smoke-sized run)."""
-  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell
+  # As a user's shell: none of the suite's TensorFlow log settings.
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
   env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config=" + os.path.join(REPO, "configs/lenet.py:smoke"),
          f"--config.data_dir={fashion_mnist_dir}"]

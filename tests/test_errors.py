@@ -165,7 +165,12 @@ def test_a_folder_of_one_class_is_refused(image_folder_factory, tmp_path, capfd)
   root = image_folder_factory(classes=("cat",))
   status, line = _train_status(_folder_config(root), tmp_path / "w", capfd)
   assert status == cli.EXIT_USER_ERROR and "1 class (cat)" in line and "at least 2" in line, line
-  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  assert not os.path.exists(tmp_path / "w")  # the refused run made the folder, and leaves none (not even .lock)
+  kept = tmp_path / "kept"  # a folder of the user's stays, as it was
+  (kept / "notes.txt").parent.mkdir()
+  (kept / "notes.txt").write_text("mine")
+  status, _ = _train_status(_folder_config(root), kept, capfd)
+  assert status == cli.EXIT_USER_ERROR and sorted(os.listdir(kept)) == ["notes.txt"]
 
 
 def test_a_workdir_that_is_a_file(tmp_path, capfd):

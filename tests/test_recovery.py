@@ -83,8 +83,9 @@ def test_stop_acts_within_two_steps_of_the_signal(fashion_mnist_dir, tmp_path):
 def test_a_stop_during_an_eval_abandons_it_and_saves_the_training_state(fashion_mnist_dir, fashion_mnist_arrays,
                                                                          tmp_path):
   """SIGTERM while train.py evaluates (the whole 10,000-image test split in batches of 16, mid-run): the eval is
-  abandoned (no eval record, no top-1 in the checkpoint), the state after the last step is saved, status 0; the
-  same command then resumes from that step and finishes. Counted in records and steps, never timed."""
+  abandoned before its end (its record says after how many of the 625 batches; no eval record, no top-1 in the
+  checkpoint), the state after the last step is saved, status 0; the same command then resumes from that step
+  and finishes. Counted in records, batches and steps, never timed."""
   workdir = tmp_path / "run"
   args = [sys.executable, "train.py", "--config=configs/lenet.py:smoke", f"--workdir={workdir}",
           f"--config.data_dir={fashion_mnist_dir}", "--config.train_split=train[:2048]", "--config.num_train_steps=24",
@@ -108,6 +109,9 @@ def test_a_stop_during_an_eval_abandons_it_and_saves_the_training_state(fashion_
   assert "Stopped by SIGTERM after step 8;" in out, out[-2000:]
   records = [json.loads(l) for l in metrics.read_text().splitlines()]
   assert not [r for r in records if r["split"] == "eval"], records  # the abandoned eval is not recorded
+  abandoned = [r for r in records if r["split"] == "eval_abandoned"]
+  assert [(r["step"], r["of"]) for r in abandoned] == [(8, "eval")], records
+  assert abandoned[0]["batches"] < 625, abandoned  # the signal came during the eval, which did not run to its end
   assert _steps_in(str(workdir)) == [8]
   assert "top1" not in json.load(open(workdir / "checkpoints" / "8" / "metrics" / "metrics"))
   again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

@@ -335,7 +335,8 @@ def _list_image_folder(root: str, fingerprint: Tuple) -> FolderListing:
 def _report_listing(root: str, listing: FolderListing) -> None:
   """One status line per listing (classes in label order, images per split) and one warning for skips."""
   sizes = ", ".join(f"{split} {len(examples):,}" for split, examples in listing.splits.items())
-  console.say(f"image folder {root}: {len(listing.class_names)} classes in label order "
+  n = len(listing.class_names)
+  console.say(f"image folder {root}: {n} class{'es' if n != 1 else ''} in label order "
               f"({_describe_names(listing.class_names, 6)}); images: {sizes}")
   if listing.skipped:
     what = ", ".join(f"{n:,} {kind}" for kind, n in sorted(listing.skipped.items()))
