@@ -3,12 +3,16 @@ recipe varied for AlexNet, VGG-11 and NiN at once) and one `report.py` report; t
 hold-out top-1 over the families becomes the base of the next stage.
 
   python benchmarks/recipe_search.py --dataset=folder:/data/cifar10 --root=runs/recipe_search \
-      --out=runs/recipe_search/report --set=eval_split=holdout:10%
+      --out=runs/recipe_search/report --set=eval_split=holdout:10% \
+      --stages=batch=32+64+128,lr=0.0125+0.025+0.05,ema@3=0+0.99+0.999
+
+A stage is STAGE=values or STAGE@EPOCHS=values (that stage's runs train for EPOCHS instead of --epochs: the
+parts of a recipe that act late, such as weight averaging, are compared over longer runs).
 
 Writes <out>/search.md (one table per stage, the commands that ran it, the chosen value) and <out>/search.json;
 <root>/<stage>/ holds the runs (rerunning resumes them, finished runs are skipped) and <out>/<stage>/ each
-stage's report.py report. A stage's run at the base value is the previous stage's winner: it is not trained
-again, its numbers are reused (marked "(base)").
+stage's report.py report. A stage's run at the base value is the previous stage's winner: when both stages train for the same
+epochs it is not trained again, its numbers are reused (marked "(base)").
 """
 
 import glob
@@ -76,20 +80,23 @@ def main(argv):
   models = _MODELS.value.split("+")
   results, md = [], ["# The recipe search", "",
                      f"Each stage varies one part of the shared recipe for {', '.join(models)} at once ({_EPOCHS.value:g} "
-                     f"epoch(s) per run, `{_DATASET.value}`, {' '.join(_SET.value)}); the value with the best mean "
+                     f"epoch(s) per run unless the stage says otherwise, `{_DATASET.value}`, {' '.join(_SET.value)}); the value with the best mean "
                      "top-1 over the families becomes the base of the next stage.", ""]
-  previous = None  # (field, value, {model: summary}) of the last stage's winner
+  previous = None  # (field, value, {model: summary}, epochs) of the last stage's winner
   with open(os.path.join(_OUT.value, "search.log"), "a") as log:
     for item in _STAGES.value:
       stage, values = item.split("=", 1)
+      stage, _, stage_epochs = stage.partition("@")
+      epochs = float(stage_epochs or _EPOCHS.value)
       field = recipe.STAGES[stage][0]
       values = [_value(v) for v in values.split("+")]
       current = _value(base[field]) if field in base else None
-      todo = [v for v in values if not (previous is not None and v == current)]
+      reuse = previous is not None and previous[3] == epochs
+      todo = [v for v in values if not (reuse and v == current)]
       arg = ",".join([f"stage={stage}", "values=" + "+".join(_fmt(v) for v in todo), f"models={_MODELS.value}",
-                      f"epochs={_EPOCHS.value:g}", f"dataset={_DATASET.value}"]
+                      f"epochs={epochs:g}", f"dataset={_DATASET.value}"]
                      + [f"{k}={v}" for k, v in base.items() if k != field])
-      root = os.path.join(_ROOT.value, stage)
+      root = os.path.join(_ROOT.value, stage + (f"_e{epochs:g}" if stage_epochs else ""))
       sweep_cmd = [sys.executable, "sweep.py", f"--sweep=configs/sweeps/recipe.py:{arg}", f"--root={root}"] + [
           f"--set={s}" for s in _SET.value]
       t0 = time.time()
@@ -108,11 +115,12 @@ def main(argv):
                for v, runs in table.items() if all(runs.values())}
       best = max(score, key=score.get)
       base[field] = _fmt(best)
-      previous = (field, best, table[best])
-      results.append({"stage": stage, "field": field, "values": values, "chosen": best, "minutes": (time.time() - t0) / 60,
+      previous = (field, best, table[best], epochs)
+      results.append({"stage": stage, "field": field, "epochs": epochs, "values": values, "chosen": best,
+                      "minutes": (time.time() - t0) / 60,
                       "top1": {_fmt(v): {m: (s or {}).get("final_top1") for m, s in runs.items()} for v, runs in table.items()},
                       "command": " ".join(shlex.quote(c) for c in sweep_cmd[1:])})
-      md += [f"## {stage}: `{field}`", "", f"`python {results[-1]['command']}`", "",
+      md += [f"## {stage}: `{field}`, {epochs:g} epoch(s)", "", f"`python {results[-1]['command']}`", "",
              "| value | " + " | ".join(models) + " | mean |", "|---" * (len(models) + 2) + "|"]
       for v, runs in table.items():
         cells = [f"{runs[m]['final_top1']:.4f}" if runs.get(m) else "–" for m in models]
