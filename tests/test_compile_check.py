@@ -87,6 +87,9 @@ def test_gpu_report_is_the_programs_own(gpu_report):
   assert evaluate.memory.unused_arguments > 0
   # A backward pass has both gradient convolutions.
   assert {"__cudnn$convBackwardFilter", "__cudnn$convBackwardInput"} <= set(train.gpu.cudnn_calls)
+  # The GPU lowering's max-pool gradient (LeNet has two pools): no select-and-scatter, so no scatter and none of
+  # its int32 window indices; plain XLA's has one (what cnn_jax.ops 'gpu' avoids, for half the temporaries).
+  assert "select-and-scatter(" not in train.compiled.as_text() and " scatter(" not in train.compiled.as_text()
   table = cc.format_table(report)
   assert "h200" in table and "cuDNN" in table and "layout transposes/copies" in table
   json_out = report.to_json()

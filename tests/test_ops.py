@@ -208,9 +208,13 @@ def test_impl_switch(monkeypatch):
   assert ops.get_impl() == 'auto'
   assert ops.use_cpu_kernels() == (jax.default_backend() == 'cpu')
   monkeypatch.setenv(ops.ENV_VAR, 'xla')
-  assert ops.get_impl() == 'xla' and not ops.use_cpu_kernels()
+  assert ops.get_impl() == 'xla' and not ops.use_cpu_kernels() and not ops.use_mask_pool_backward()
   with ops.impl('cpu'):
-    assert ops.use_cpu_kernels()
+    assert ops.use_cpu_kernels() and ops.use_mask_pool_backward()
+  with ops.impl('gpu'):  # XLA's convolutions (cuDNN), the max-pool backward without select-and-scatter
+    assert not ops.use_cpu_kernels() and ops.use_mask_pool_backward()
+  with ops.impl('tpu'):  # plain XLA: there select-and-scatter needs less memory than the mask-based backward
+    assert not ops.use_cpu_kernels() and not ops.use_mask_pool_backward()
   assert ops.get_impl() == 'xla'
   ops.set_impl('cpu')
   try:

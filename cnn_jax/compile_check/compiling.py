@@ -50,8 +50,8 @@ class Compile:
 
 
 @contextlib.contextmanager
-def _tracing_for_accelerators():
-  """Plain-XLA kernels of cnn_jax.ops (the host is a CPU, 'auto' would pick its CPU kernels) and nothing taken
+def _tracing_for_accelerators(lowering: str):
+  """The target's lowering of cnn_jax.ops (the host is a CPU, 'auto' would pick its CPU kernels) and nothing taken
   from or put into a persistent compilation cache: a hit would skip the compile being measured, and a
   compile-only executable read back has no device client to load into. JAX decides once per process whether
   it uses the cache, so in a process that already does (a test session) entries are kept out by a minimum
@@ -63,7 +63,7 @@ def _tracing_for_accelerators():
   jax.config.update("jax_enable_compilation_cache", False)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
   try:
-    with ops.impl("xla"):
+    with ops.impl(lowering):
       yield
   finally:
     for name, value in saved.items():
@@ -101,7 +101,7 @@ def _is_out_of_memory(error: Exception) -> bool:
 def compile_program(program, keep: bool = False) -> Compile:
   """Lowers and compiles one Program (programs.Program); a compile XLA refuses for memory -> memory None."""
   t0 = time.perf_counter()
-  with _tracing_for_accelerators():
+  with _tracing_for_accelerators(program.lowering):
     lowered = program.fn.lower(*program.args)
     t1 = time.perf_counter()
     try:
@@ -123,5 +123,5 @@ def network_flops(program) -> Tuple[Optional[float], str]:
     return None, "none"
   from cnn_jax import perf  # pylint: disable=g-import-not-at-top
   fn, args = program.network
-  with _tracing_for_accelerators():
+  with _tracing_for_accelerators(program.lowering):
     return perf.host_cpu_flops(fn, *args, compile=False), "network on the host CPU"

@@ -25,8 +25,9 @@ small table of known datasets (`KNOWN_DATASETS`). `build` below compiles with th
 (cnn_jax.specs, cnn_jax.steps.recipe_steps / jit_train_step / jit_eval_step, the device input's DeviceBatcher):
 an input with its data left out (`AbstractInput`) stands in for the run's.
 
-The caller traces (lowers) the programs under `cnn_jax.ops.impl("xla")`: on this CPU, JAX's default backend is
-the CPU, and 'auto' would otherwise trace the CPU-tuned kernels into a GPU or TPU program.
+The caller traces (lowers) the programs under `cnn_jax.ops.impl(program.lowering)`, the target backend's lowering
+(what 'auto' picks on that backend): on this CPU, JAX's default backend is the CPU, and 'auto' would otherwise
+trace the CPU-tuned kernels into a GPU or TPU program.
 """
 
 import dataclasses
@@ -64,6 +65,7 @@ class Program:
   network: Optional[Tuple[Callable, Tuple[Any, ...]]] = None
   resident_bytes: int = 0
   describe: str = ""
+  lowering: str = "xla"  # the cnn_jax.ops lowering of the target's backend ('gpu', 'tpu'), traced in compile
 
 
 Builder = Callable[..., Dict[str, Program]]
@@ -276,12 +278,19 @@ def build(config, mesh: Mesh, *, device_memory_bytes: Optional[int] = None) -> D
     describe = (f"device input (uint8 splits resident on every device, augmentation inside the step), {what}, "
                 f"{resident_bytes_per_device(shape, roles, n_proc) / 2**20:,.0f} MiB resident per device")
     resident = {k: resident_bytes_per_device(shape, roles, n_proc, skip=(k,)) for k in ("train", "eval")}
+  lowering = lowering_of(devices[0])
   return {
       "train": Program(train, train_args, loop.batch_size, max_batch, (jax.jit(step_fn), (state_shape, train_net)),
-                       resident["train"], describe),
+                       resident["train"], describe, lowering),
       "eval": Program(evaluate, eval_args, loop.eval_batch_size, max_eval_batch,
-                      (jax.jit(eval_fn), (state_shape, eval_net)), resident["eval"], describe),
+                      (jax.jit(eval_fn), (state_shape, eval_net)), resident["eval"], describe, lowering),
   }
+
+
+def lowering_of(device) -> str:
+  """The cnn_jax.ops lowering train.py would trace on `device`'s backend ('gpu', 'tpu', else plain 'xla')."""
+  platform = str(getattr(device, "platform", "")).lower()
+  return {"cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "xla")
 
 
 def _mean_std(config, base: str):

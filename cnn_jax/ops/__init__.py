@@ -3,13 +3,14 @@
 Models call these instead of ``lax`` directly so that a faster lowering changes every network at
 once. Shapes are NHWC for activations and HWIO for kernels.
 
-Two lowerings, chosen at trace time (``set_impl`` / ``impl`` / ``$CNN_JAX_CONV_IMPL``):
+Lowerings, chosen at trace time (``set_impl`` / ``impl`` / ``$CNN_JAX_CONV_IMPL``; see ``_impl``):
   * 'xla': plain ``lax.conv_general_dilated`` / ``lax.reduce_window``, differentiated by JAX.
-  * CPU-tuned (``conv_cpu``, ``pool_cpu``): same values; a max-pool backward without
-    select-and-scatter (5-10x faster here), 1x1 convolutions as GEMMs, and per-shape rewrites of
-    other convolutions (GEMM kernel gradients, space-to-depth stems) where measured faster.
-    'auto' (the default) uses it when ``jax.default_backend() == 'cpu'`` and plain XLA on GPU/TPU,
-    whose own lowerings are the fast ones there.
+  * 'cpu' (``conv_cpu``, ``pool_cpu``): same values; a max-pool backward without select-and-scatter,
+    1x1 convolutions as GEMMs, and per-shape rewrites of other convolutions (GEMM kernel gradients,
+    space-to-depth stems) where measured faster on a CPU.
+  * 'gpu': XLA's convolutions (cuDNN), the max-pool backward without select-and-scatter (half the
+    temporaries of a train step); 'tpu': plain XLA.
+    'auto' (the default) is the default backend's.
 
 On the CPU, jit train/eval steps with ``compiler_options=ops.compiler_options()``: it turns off
 XLA's YNNPACK fusions, whose convolutions were the largest cost of a train step here (see
@@ -22,13 +23,13 @@ import jax
 
 from cnn_jax.ops import conv_cpu
 from cnn_jax.ops import pool_cpu
-from cnn_jax.ops._impl import (ENV_VAR, IMPLS, compiler_options, get_impl, impl, set_impl,
-                               use_cpu_kernels)
+from cnn_jax.ops._impl import (ENV_VAR, IMPLS, compiler_options, get_impl, impl, resolved_impl, set_impl,
+                               use_cpu_kernels, use_mask_pool_backward)
 
 Padding = Union[str, Sequence[Tuple[int, int]]]
 
-__all__ = ['conv2d', 'max_pool', 'compiler_options', 'set_impl', 'get_impl', 'impl',
-           'use_cpu_kernels', 'IMPLS', 'ENV_VAR']
+__all__ = ['conv2d', 'max_pool', 'compiler_options', 'set_impl', 'get_impl', 'impl', 'resolved_impl',
+           'use_cpu_kernels', 'use_mask_pool_backward', 'IMPLS', 'ENV_VAR']
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int] = (1, 1),
@@ -54,6 +55,6 @@ def max_pool(x: jax.Array, window: Tuple[int, int], strides: Tuple[int, int],
   """
   window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
   pads = pool_cpu.explicit_pads(x.shape, window, strides, padding)
-  if use_cpu_kernels():
+  if use_mask_pool_backward():
     return pool_cpu.max_pool(x, window, strides, pads)
   return pool_cpu.xla_max_pool(x, window, strides, pads)
