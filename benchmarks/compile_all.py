@@ -61,7 +61,8 @@ def _row(name: str, report, program: str) -> str:
     largest = f"{largest:,}–{search.get('upper'):,}" if largest else largest
   gpu = p.get("gpu_kernels") or {}
   kernels = (f"{sum(gpu.get('cudnn_calls', {}).values())} cuDNN / {gpu.get('layout_kernels', '–')} layout "
-             f"({_gib(gpu.get('layout_bytes'))} GiB)"
+             f"({_gib(gpu.get('layout_bytes'))} GiB) / {gpu.get('buffer_copies', '–')} copies "
+             f"({_gib(gpu.get('buffer_copy_bytes'))} GiB)"
              if gpu else ", ".join(f"{k} {v['count']}" for k, v in (p.get("collectives") or {}).items()) or "–")
   share = p["share_of_device_memory"]
   return (f"| {name} | {report['target']} | {report['dtype']} | {program} | {p['global_batch']} | "
@@ -79,7 +80,8 @@ def _write_readme(out: str, rows, commands):
            "compiled without autotuning (no cuDNN workspace), so real temporaries are somewhat larger. `largest`: "
            "the largest global train batch that fits (a range where the search's compiles ran out before one step "
            "separated them; – not searched). GFLOP per step of the whole network "
-           "(counted on the host). Kernels: GPU cuDNN convolutions / layout transposes and copies; TPU: collectives "
+           "(counted on the host). Kernels: GPU cuDNN convolutions / layout transposes (copies into another layout) / "
+           "buffer copies (same layout, for an in-place op); TPU: collectives "
            "(count). One JSON per row group beside this file.", "",
            "| config | target | dtype | program | batch | arguments | temporaries | need | share | fits | largest "
            "| GFLOP/step | compile s | kernels |",

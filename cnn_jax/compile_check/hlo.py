@@ -142,7 +142,8 @@ def _executed(module: Module) -> List[str]:
 @dataclasses.dataclass
 class GpuKernels:
   """What a GPU program launches: counts by class, the cuDNN custom-calls by target, the convolutions of the
-  JAX program by lowering, and the layout-only kernels (transposes and copies) with their bytes."""
+  JAX program by lowering, the layout kernels (transposes, copies into another layout) with their bytes, and the
+  copies that keep the layout (a buffer copied so that an in-place op, e.g. a scatter, can write into it)."""
   cudnn_calls: Dict[str, int]
   conv_lowering: Dict[str, int]
   kernels: Dict[str, int]
@@ -150,6 +151,8 @@ class GpuKernels:
   layout_bytes: int
   layout_next_to_conv: int
   largest_layout: List[Tuple[str, str, int]]
+  buffer_copies: int = 0
+  buffer_copy_bytes: int = 0
 
 
 def _kernel_class(ins: Instruction, fused_roots: Dict[str, str]) -> str:
@@ -196,6 +199,8 @@ def gpu_kernels(text: str) -> GpuKernels:
       if ins.opcode in _NOT_KERNELS or ins.opcode.endswith("-done"):
         continue
       cls = _kernel_class(ins, fused_roots)
+      if ins.opcode == "copy" and _same_layout(ins, by_name):
+        cls = "buffer copy"
       kernels[cls] += 1
       if cls == "cudnn conv":
         cudnn[ins.attr("custom_call_target")] += 1
@@ -219,8 +224,23 @@ def gpu_kernels(text: str) -> GpuKernels:
       next_to_conv += 1
   biggest = sorted(((i.name, _first_array(i.shape), shape_bytes(i.shape)) for i in layout),
                    key=lambda t: -t[2])[:5]
+  copies = [ins for comp in _executed(module) for ins in module.computations[comp]
+            if ins.opcode == "copy" and _same_layout(ins, by_name)]
   return GpuKernels(dict(cudnn), dict(lowering), dict(kernels), len(layout),
-                    sum(shape_bytes(i.shape) for i in layout), next_to_conv, biggest)
+                    sum(shape_bytes(i.shape) for i in layout), next_to_conv, biggest, len(copies),
+                    sum(shape_bytes(i.shape) for i in copies))
+
+
+_LAYOUT = re.compile(r"\{([0-9,]*)")
+
+
+def _same_layout(ins: Instruction, by_name: Dict[str, Instruction]) -> bool:
+  """A copy whose result has its operand's shape and layout: it moves no element, it duplicates a buffer."""
+  source = by_name.get(ins.operands[0]) if ins.operands else None
+  if source is None:
+    return False
+  return (_first_array(ins.shape) == _first_array(source.shape)
+          and _LAYOUT.findall(ins.shape)[:1] == _LAYOUT.findall(source.shape)[:1] != [])
 
 
 def _first_array(shape: str) -> str:

@@ -109,6 +109,8 @@ def _gpu_rows(progs) -> List[Tuple[str, List[str]]]:
       ("layout transposes/copies", [
           f"{p.gpu.layout_kernels} ({_gib(p.gpu.layout_bytes)}), {p.gpu.layout_next_to_conv} at a conv"
           if p.gpu else "-" for p in progs]),
+      ("buffer copies (same layout)", [f"{p.gpu.buffer_copies} ({_gib(p.gpu.buffer_copy_bytes)})"
+                                       if p.gpu else "-" for p in progs]),
       ("kernels launched", [f"{sum(p.gpu.kernels.values())} ({p.gpu.kernels.get('fusion', 0)} fusions)"
                             if p.gpu else "-" for p in progs]),
   ]
