@@ -1,10 +1,11 @@
 r"""The recipe search, stage by stage: each stage is one `sweep.py` run of configs/sweeps/recipe.py (a part of the
 recipe varied for AlexNet, VGG-11 and NiN at once) and one `report.py` report; the value with the best mean
-hold-out top-1 over the families becomes the base of the next stage.
+hold-out top-1 over the families becomes the base of the next stage (means within --tie of the best are ties,
+won by the value listed first: list the cheaper or more conventional values first).
 
   python benchmarks/recipe_search.py --dataset=folder:/data/cifar10 --root=runs/recipe_search \
       --out=runs/recipe_search/report --set=eval_split=holdout:10% \
-      --stages=batch=32+64+128,lr=0.0125+0.025+0.05,ema@3=0+0.99+0.999
+      --stages=batch=128+64+32,lr=0.0125+0.025+0.05,ema@3=0+0.99+0.999
 
 A stage is STAGE=values or STAGE@EPOCHS=values (that stage's runs train for EPOCHS instead of --epochs: the
 parts of a recipe that act late, such as weight averaging, are compared over longer runs).
@@ -38,6 +39,9 @@ _STAGES = flags.DEFINE_list("stages", ["lr=0.025+0.05+0.1+0.2", "warmup=0.1+0.25
                                        "smoothing=0+0.1+0.2", "ema=0+0.99+0.999", "flip=False+True"],
                             "STAGE=values, in order (configs/sweeps/recipe.py's stages).")
 _MODELS = flags.DEFINE_string("models", "alexnet+vgg11+nin", "Families (sweep arg models=).")
+_TIE = flags.DEFINE_float("tie", 0.005, "Mean top-1 differences up to this are ties, won by the value listed first "
+                          "(list a stage's values cheapest or most conventional first). 0.005: about the spread "
+                          "between seeds of one 1-epoch run on a 5,000-image hold-out.")
 flags.mark_flags_as_required(["dataset", "out"])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +85,8 @@ def main(argv):
   results, md = [], ["# The recipe search", "",
                      f"Each stage varies one part of the shared recipe for {', '.join(models)} at once ({_EPOCHS.value:g} "
                      f"epoch(s) per run unless the stage says otherwise, `{_DATASET.value}`, {' '.join(_SET.value)}); the value with the best mean "
-                     "top-1 over the families becomes the base of the next stage.", ""]
+                     f"top-1 over the families becomes the base of the next stage; means within {_TIE.value:g} of the best are "
+                     "ties, won by the value listed first (the cheaper or more conventional one).", ""]
   previous = None  # (field, value, {model: summary}, epochs) of the last stage's winner
   with open(os.path.join(_OUT.value, "search.log"), "a") as log:
     for item in _STAGES.value:
@@ -113,7 +118,8 @@ def main(argv):
           table[v] = dict(previous[2])
       score = {v: sum(s["best_top1"] if field == "num_epochs" else s["final_top1"] for s in runs.values()) / len(runs)
                for v, runs in table.items() if all(runs.values())}
-      best = max(score, key=score.get)
+      top = max(score.values())
+      best = next(v for v in values if v in score and score[v] >= top - _TIE.value)
       base[field] = _fmt(best)
       previous = (field, best, table[best], epochs)
       results.append({"stage": stage, "field": field, "epochs": epochs, "values": values, "chosen": best,
