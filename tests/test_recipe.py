@@ -144,3 +144,7 @@ def test_the_recipe_sweep_varies_one_part_of_the_recipe_for_every_family_at_once
   assert config.model_kwargs.geometry == "small"
   lrs = sweep_lib.load_sweep("configs/sweeps/recipe.py:stage=lr,values=0.05+0.1,models=nin")
   assert [r.overrides["optimizer.learning_rate"] for r in lrs.runs] == [0.05, 0.1]
+  # A stage's own field without a dot (batch_size, eval_flip) sets the base recipe too, as the search passes it.
+  later = sweep_lib.load_sweep("configs/sweeps/recipe.py:stage=lr,values=0.05,models=nin,batch_size=64,eval_flip=True")
+  config = sweep_lib.run_config(later, later.runs[0])
+  assert config.batch_size == 64 and config.eval_flip and config.optimizer.learning_rate == 0.05

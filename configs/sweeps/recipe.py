@@ -20,7 +20,8 @@ Stages (stage=NAME; its values with values=a+b+c):
   pad         augment.pad (the pad-crop's shift)                                 0 2 4
   epochs      num_epochs                                                         3 10 30
 Sweep args: stage=, values=, models=a+b (default alexnet+vgg11+nin), width= (default 0.25), seeds=N (default 1);
-dotted fields (optimizer.nesterov=True, schedule.name=linear, ...) set the base recipe of every run;
+dotted fields (optimizer.nesterov=True, schedule.name=linear, ...) and the stages' own fields (batch_size=64,
+eval_flip=True) set the base recipe of every run;
 anything else (epochs=, lr=, batch=, dataset=, smoke) goes to the base config string of configs/common.py.
 """
 
@@ -62,7 +63,9 @@ def get_sweep(arg=None):
   if "values" in args:
     values = tuple(_value(v) for v in str(args.pop("values")).split("+"))
   seeds = int(args.pop("seeds", 1))
-  fixed = {k: _value(v) for k, v in list(args.items()) if "." in k and not k.startswith("folder")}
+  recipe_fields = {f for f, _ in STAGES.values()}  # e.g. batch_size, eval_flip: fields without a dot
+  fixed = {k: _value(v) for k, v in list(args.items())
+           if ("." in k and not k.startswith("folder")) or k in recipe_fields}
   for k in fixed:
     args.pop(k)
   if stage == "epochs":
