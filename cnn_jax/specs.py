@@ -91,9 +91,10 @@ class OptimizerSpec:
     schedule = ScheduleSpec(sched.name, _number("schedule.warmup_epochs", sched.warmup_epochs, 0.0),
                             tuple(float(e) for e in sched.step_epochs),
                             _number("schedule.step_factor", sched.step_factor, 0.0))
-    if sched.name == "onecycle" and not schedule.warmup_epochs > 0:
-      raise UserError("--config.schedule.name=onecycle rises to its peak over --config.schedule.warmup_epochs; "
-                      "set it > 0 (e.g. 0.3 of the run's epochs)")
+    if sched.name in ("onecycle", "linear") and not schedule.warmup_epochs > 0:
+      raise UserError(f"--config.schedule.name={sched.name} rises to its peak over --config.schedule.warmup_epochs; "
+                      "set it > 0 (e.g. 0.25 epochs; for a decay from the peak at once use "
+                      "--config.schedule.name=cosine)")
     return cls(
         learning_rate=_number("optimizer.learning_rate", opt.learning_rate, 0.0),
         momentum=_number("optimizer.momentum", opt.momentum, 0.0, 1.0, hi_open=True),

@@ -46,7 +46,7 @@ def learning_rate_schedule(opt: OptimizerSpec, steps_per_epoch: int, total_steps
   """LR per step: linear scaling with the global batch (the base LR is for batch 128), then the schedule.
 
   cosine:   linear warmup over `warmup_epochs`, cosine decay to 0 at `total_steps`.
-  linear:   linear warmup, then linear decay to 0 at `total_steps` (warmup 0: from the peak at once).
+  linear:   linear warmup (warmup_epochs > 0, specs.py), then linear decay to 0 at `total_steps`.
   onecycle: optax's cosine one-cycle: from peak/25 up to the peak over the warmup, then down to peak/25e4.
   step:     (warmup, then) the base LR times `step_factor` at each of `step_epochs` (the AlexNet/VGG recipe).
   constant: the base LR.

@@ -17,6 +17,7 @@ from cnn_jax import models
 from cnn_jax import steps as steps_lib
 from cnn_jax import train
 from cnn_jax.compare.sweep import apply_overrides
+from cnn_jax.errors import UserError
 from cnn_jax.specs import OptimizerSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +38,8 @@ def _schedule(name, warmup_epochs, total=100, lr=0.1):
 def test_linear_to_zero_and_onecycle_schedules():
   lin = _schedule("linear", 1.0)
   np.testing.assert_allclose([float(lin(s)) for s in (0, 5, 10, 55, 100)], [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
-  cold = _schedule("linear", 0.0)  # no warmup: from the peak at once, down to 0
-  np.testing.assert_allclose([float(cold(s)) for s in (0, 50, 100)], [0.1, 0.05, 0.0], atol=1e-7)
+  with pytest.raises(UserError, match="linear rises to its peak"):  # it needs its rise (specs.py)
+    _schedule("linear", 0.0)
   one = _schedule("onecycle", 3.0)
   values = np.array([float(one(s)) for s in range(101)])
   assert int(np.argmax(values)) == 30 and values.max() == pytest.approx(0.1, rel=1e-5)
@@ -120,6 +121,7 @@ def test_a_run_with_ema_resumes_bit_identical(fashion_mnist_dir, fashion_mnist_a
     ("--config.schedule.warmup_epochs=-1", "--config.schedule.warmup_epochs=-1"),
     ("--config.schedule.name=triangle", "--config.schedule.name='triangle' is not one of"),
     ("--config.schedule.warmup_epochs=0 --config.schedule.name=onecycle", "onecycle rises to its peak"),
+    ("--config.schedule.warmup_epochs=0 --config.schedule.name=linear", "linear rises to its peak"),
 ])
 def test_recipe_fields_out_of_range_are_one_line_and_write_nothing(flag, expect, tmp_path):
   workdir = tmp_path / "w"
