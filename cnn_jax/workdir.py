@@ -48,8 +48,8 @@ class Lock:
   """An exclusive lock on `<workdir>/.lock` (process 0): two runs writing one workdir corrupt each other.
 
   flock is released by the kernel when the process dies, even by kill -9, so a lock is never stale. A run
-  refused for bad input (a UserError) takes back the lock file it made, and the folder too when `created`
-  (the run made it) and nothing else is in it.
+  refused for bad input (a UserError) takes back what it made and left empty: the lock file, new empty folders
+  (e.g. checkpoints/), and the workdir itself when `created` (the run made it) and nothing else is in it.
   """
 
   def __init__(self, workdir: str, enabled: bool = True, created: bool = False):
@@ -61,7 +61,7 @@ class Lock:
   def __enter__(self):
     if not self._enabled:
       return self
-    self._new_file = not os.path.exists(self._path)
+    self._before = set(os.listdir(os.path.dirname(self._path)))
     self._file = open(self._path, "a+")
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -82,12 +82,16 @@ class Lock:
     if self._file is None:
       return
     refused = exc_type is not None and issubclass(exc_type, UserError)
-    if refused and self._new_file:
+    workdir = os.path.dirname(self._path)
+    if refused and ".lock" not in self._before:
       os.remove(self._path)  # while the lock is held: no other run is between its open and its flock
     self._file.close()  # releases the flock
     self._file = None
-    if refused and self._created:
+    if not refused:
+      return
+    new = [os.path.join(workdir, n) for n in set(os.listdir(workdir)) - self._before]
+    for path in new + ([workdir] if self._created else []):
       try:
-        os.rmdir(os.path.dirname(self._path))
+        os.rmdir(path)  # empty folders only: anything with content stays
       except OSError:
-        pass  # not empty: what is in it stays
+        pass

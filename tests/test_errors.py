@@ -129,6 +129,7 @@ def _train_status(config, workdir, capfd):
 def test_bad_config_values(overrides, expect, fashion_mnist_dir, tmp_path, capfd):
   status, line = _train_status(_config(data_dir=fashion_mnist_dir, **overrides), tmp_path / "w", capfd)
   assert status == cli.EXIT_USER_ERROR and expect in line, line
+  assert not (tmp_path / "w").exists()  # nothing written: not even the workdir the run would have made
 
 
 def _folder_config(root):
