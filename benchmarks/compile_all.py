@@ -29,6 +29,8 @@ _BATCH = flags.DEFINE_integer("batch", 256, "Global batch of the train and eval 
 _SEARCH_ON = flags.DEFINE_list("search_on", ["cuda", "tpu:bfloat16"],
                                 "Where the largest fitting train batch is searched: PLATFORM or PLATFORM:DTYPE.")
 _MAX_COMPILES = flags.DEFINE_list("max_compiles", ["cuda:8", "tpu:2"], "The search's compiles per PLATFORM:N.")
+_COMPILE = flags.DEFINE_bool("compile", True, "Compile the combinations not yet written; --nocompile writes the "
+                             "table of those written, the others listed as not compiled with their command.")
 flags.mark_flags_as_required(["out"])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +73,7 @@ def _row(name: str, report, program: str) -> str:
           f"{largest if largest else '–'} | {(p['flops_per_step'] or 0) / 1e9:,.0f} | {p['compile_s']:.0f} | {kernels} |")
 
 
-def _write_readme(out: str, rows, commands):
+def _write_readme(out: str, rows, commands, missing=()):
   lines = ["# Every shipped config compiled for GPUs and TPUs (compile only)", "",
            "Written by `JAX_PLATFORMS=cpu python benchmarks/compile_all.py --out=docs/results/compile` on a 2-core CPU "
            "with `requirements-compile.txt`; nothing ran on an accelerator. Memory per device from XLA's "
@@ -86,6 +88,9 @@ def _write_readme(out: str, rows, commands):
            "| config | target | dtype | program | batch | arguments | temporaries | need | share | fits | largest "
            "| GFLOP/step | compile s | kernels |",
            "|---" * 14 + "|"] + rows + ["", "Commands:", ""] + [f"- `{c}`" for c in commands]
+  if missing:
+    lines += ["", "Not compiled yet (each is one command; `compile_all.py` without `--nocompile` runs them all):",
+              ""] + [f"- `{c}`" for c in missing]
   with open(os.path.join(out, "README.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 
@@ -118,7 +123,7 @@ def main(argv):
   from cnn_jax import targets  # pylint: disable=g-import-not-at-top
   os.makedirs(_OUT.value, exist_ok=True)
   cc.set_platforms()
-  rows, commands = [], []
+  rows, commands, missing = [], [], []
   for name in _CONFIGS.value:
     for target_name in _TARGETS.value:
       target = targets.get(target_name)
@@ -131,6 +136,9 @@ def main(argv):
                    + (f" --max_compiles={_max_compiles(target.platform)}" if searched else " --search=none"))
         commands.append(command)
         if not os.path.exists(path):
+          if not _COMPILE.value:
+            missing.append(command)
+            continue
           print(f"{name} {target_name} {dtype} ...", file=sys.stderr, flush=True)
           data = _check(name, target, dtype, searched)
           with open(path, "w") as f:
@@ -138,7 +146,8 @@ def main(argv):
         with open(path) as f:
           data = json.load(f)
         rows += [_row(name, data, program) for program in ("train", "eval")]
-        _write_readme(_OUT.value, rows, commands)
+        _write_readme(_OUT.value, rows, [c for c in commands if c not in missing], missing)
+  _write_readme(_OUT.value, rows, [c for c in commands if c not in missing], missing)
   return 0
 
 

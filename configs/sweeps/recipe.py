@@ -12,6 +12,7 @@ Stages (stage=NAME; its values with values=a+b+c):
   warmup      schedule.warmup_epochs                                             0 0.25 1
   schedule    schedule.name                                                      cosine linear onecycle
   nesterov    optimizer.nesterov                                                 False True
+  clip        optimizer.grad_clip_norm (0 = off)                                 0 1 2
   decay       optimizer.weight_decay                                             1e-4 5e-4 1e-3
   smoothing   optimizer.label_smoothing                                          0 0.1 0.2
   ema         optimizer.ema_decay                                                0 0.99 0.999
@@ -36,6 +37,7 @@ STAGES = {
     "warmup": ("schedule.warmup_epochs", (0.0, 0.25, 1.0)),
     "schedule": ("schedule.name", ("cosine", "linear", "onecycle")),
     "nesterov": ("optimizer.nesterov", (False, True)),
+    "clip": ("optimizer.grad_clip_norm", (0.0, 1.0, 2.0)),
     "decay": ("optimizer.weight_decay", (1e-4, 5e-4, 1e-3)),
     "smoothing": ("optimizer.label_smoothing", (0.0, 0.1, 0.2)),
     "ema": ("optimizer.ema_decay", (0.0, 0.99, 0.999)),
