@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
 
+from cnn_jax.compare.runs import flatten
 from cnn_jax.errors import UserError
 from cnn_jax.fingerprint import fingerprint
 
@@ -180,16 +181,6 @@ def run_config(sweep: Sweep, run: Run, extra: Optional[Mapping[str, Any]] = None
   return apply_overrides(config, dict(extra or {}))
 
 
-def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
-  """{'a': {'b': 1}} -> {'a.b': 1}; lists and scalars are leaves."""
-  if isinstance(tree, Mapping):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def identity_of(config) -> Dict[str, Any]:
   """What a finished workdir must match to count as this run: model, model_kwargs and the fingerprint."""
   fields = fingerprint(config)["fields"]
@@ -221,7 +212,7 @@ def run_status(workdir: str, config) -> Tuple[str, Optional[int]]:
     recorded = json.loads(json.dumps({"model": info.get("model"), "model_kwargs": info.get("model_kwargs"),
                                       **info.get("fingerprint_fields", {})}, sort_keys=True, default=str))
     wanted = identity_of(config)
-    a, b = _flatten(recorded), _flatten(wanted)
+    a, b = flatten(recorded), flatten(wanted)
     diffs = [f"{k}: {a.get(k)!r} there vs {b.get(k)!r} now" for k in sorted(set(a) | set(b))
              if a.get(k) != b.get(k)]
     if diffs:
@@ -247,7 +238,7 @@ def _flag_value(value: Any) -> str:
 def train_command(sweep: Sweep, run: Run, root: str, extra: Optional[Mapping[str, Any]] = None,
                   python: str = "python") -> str:
   """The shell command that trains `run` with train.py (for a cluster scheduler, one line per run)."""
-  overrides = _flatten({**run.overrides, **dict(extra or {})})
+  overrides = flatten({**run.overrides, **dict(extra or {})})
   args = [python, "train.py", f"--config={sweep.base}", f"--workdir={os.path.join(root, run.name)}"]
   args += [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]
   return " ".join(shlex.quote(a) for a in args)
@@ -299,7 +290,7 @@ def run_sweep(sweep: Sweep, root: str, only: Optional[str] = None,
       state, step = status[r.name]
       outcomes[r.name] = {"done": "skipped (done)", "partial": f"would resume from step {step}",
                           "new": "would train"}[state]
-      log(f"{r.name:24s} {outcomes[r.name]:28s} {_flatten(dict(r.overrides))}")
+      log(f"{r.name:24s} {outcomes[r.name]:28s} {flatten(dict(r.overrides))}")
     return outcomes
 
   from cnn_jax import train  # pylint: disable=g-import-not-at-top  (JAX start-up only when training)
