@@ -4,8 +4,8 @@ hold-out top-1 over the families becomes the base of the next stage (means withi
 won by the value listed first: list the cheaper or more conventional values first).
 
   python benchmarks/recipe_search.py --dataset=folder:/data/cifar10 --root=runs/recipe_search \
-      --out=runs/recipe_search/report --set=eval_split=holdout:10% \
-      --stages=batch=128+64+32,lr=0.0125+0.025+0.05,ema@3=0+0.99+0.999
+      --out=runs/recipe_search/report --set=eval_split=holdout:10%     # the search of docs/results/recipe_search
+  python benchmarks/recipe_search.py ... --stages=batch=128+64+32,lr=0.0125+0.025+0.05,ema@3=0+0.99+0.999
 
 A stage is STAGE=values or STAGE@EPOCHS=values (that stage's runs train for EPOCHS instead of --epochs: the
 parts of a recipe that act late, such as weight averaging, are compared over longer runs).
@@ -32,12 +32,18 @@ _ROOT = flags.DEFINE_string("root", "runs/recipe_search", "Folder of the stages'
 _OUT = flags.DEFINE_string("out", None, "Folder for search.md, search.json and the stages' reports.")
 _EPOCHS = flags.DEFINE_float("epochs", 1, "Epochs of every search run.")
 _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE for every run (sweep.py --set).")
-_BASE = flags.DEFINE_list("base", ["optimizer.nesterov=True", "schedule.name=linear", "schedule.warmup_epochs=0.25",
-                                   "optimizer.label_smoothing=0.1"],
-                          "The starting recipe: dotted fields of configs/common.py.")
-_STAGES = flags.DEFINE_list("stages", ["lr=0.025+0.05+0.1+0.2", "warmup=0.1+0.25+0.5", "schedule=cosine+linear+onecycle",
-                                       "smoothing=0+0.1+0.2", "ema=0+0.99+0.999", "flip=False+True"],
-                            "STAGE=values, in order (configs/sweeps/recipe.py's stages).")
+# The starting recipe, every searched field explicit, so that the search reproduces whatever configs/common.py's
+# defaults become (the shared recipe's defaults before the search, with the base guesses of the issue that asked
+# for it: Nesterov, linear-to-zero after a short warmup, label smoothing 0.1, LR 0.025 at batch 128).
+_BASE = flags.DEFINE_list("base", [
+    "optimizer.learning_rate=0.025", "batch_size=128", "schedule.name=linear", "schedule.warmup_epochs=0.25",
+    "optimizer.nesterov=True", "optimizer.label_smoothing=0.1", "optimizer.weight_decay=0.0005", "augment.pad=4",
+    "optimizer.ema_decay=0.0", "eval_flip=False"], "The starting recipe: fields of configs/common.py.")
+_STAGES = flags.DEFINE_list("stages", [
+    "batch=128+64+32", "lr=0.025+0.0125+0.05+0.1", "warmup=0.25+0.1+0.5", "schedule=linear+cosine+onecycle",
+    "smoothing=0.1+0+0.2", "nesterov=True+False", "decay=5e-4+1e-4+1e-3", "pad@3=4+2+0", "ema@3=0+0.99+0.999",
+    "flip@3=False+True"], "STAGE[@EPOCHS]=values, in order (configs/sweeps/recipe.py's stages); the first value of "
+    "each is the conventional one, which wins ties.")
 _MODELS = flags.DEFINE_string("models", "alexnet+vgg11+nin", "Families (sweep arg models=).")
 _TIE = flags.DEFINE_float("tie", 0.005, "Mean top-1 differences up to this are ties, won by the value listed first "
                           "(list a stage's values cheapest or most conventional first). 0.005: about the spread "
@@ -53,6 +59,15 @@ def _value(text):
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
+
+
+def _default(field: str):
+  """configs/common.py's value of a dotted field: a stage's base value when no earlier stage set it."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  node = common.get_config("small")
+  for part in field.split("."):
+    node = node[part]
+  return node
 
 
 def _fmt(value) -> str:
@@ -95,7 +110,7 @@ def main(argv):
       epochs = float(stage_epochs or _EPOCHS.value)
       field = recipe.STAGES[stage][0]
       values = [_value(v) for v in values.split("+")]
-      current = _value(base[field]) if field in base else None
+      current = _value(base[field]) if field in base else _default(field)
       reuse = previous is not None and previous[3] == epochs
       todo = [v for v in values if not (reuse and v == current)]
       arg = ",".join([f"stage={stage}", "values=" + "+".join(_fmt(v) for v in todo), f"models={_MODELS.value}",
